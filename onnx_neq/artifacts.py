@@ -1,0 +1,105 @@
+"""Generate ONNX Runtime training artifacts and apply the onnx-neq passes to them.
+
+forward model -> training_model.onnx (+ gradient masks), eval_model.onnx (+ activation taps,
+single-output BatchNorm), optimizer_model.onnx (SGD or AdamW), checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .conv_layers import ConvLayer
+from .errors import NeqError
+from .ort_runtime import artifacts_module, captured_native_stderr
+from .parameters import ParameterGroups
+from .passes.activation_taps import ActivationTapPass
+from .passes.batchnorm_inference import BatchNormInferencePass
+from .passes.gradient_masks import GradientMaskPass
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adamw")
+LABEL_INPUT = "labels"
+FILES = {
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+
+
+@dataclass
+class ArtifactsReport:
+    loss_output: str
+    mask_inputs: list[str]
+    taps: list[str]
+    bn_nodes_fixed: int
+
+
+def generate(
+    model: onnx.ModelProto, groups: ParameterGroups, layers: list[ConvLayer], optimizer: str, directory: Path, logits: str
+) -> ArtifactsReport:
+    """Write the four ORT artifacts into `directory` and apply masks and taps."""
+    if optimizer not in OPTIMIZERS:
+        raise NeqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+    _generate_ort_artifacts(model, groups, optimizer, directory, logits)
+    user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
+    masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
+    training = _rewrite(directory / FILES["training_model"], [masks])
+    taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
+    _rewrite(directory / FILES["eval_model"], [bn, taps])
+    return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed)
+
+
+def _generate_ort_artifacts(model: onnx.ModelProto, groups: ParameterGroups, optimizer: str, directory: Path, logits: str) -> None:
+    art = artifacts_module()
+    directory.mkdir(parents=True, exist_ok=True)
+    optim = art.OptimType.AdamW if optimizer == "adamw" else art.OptimType.SGD
+    with captured_native_stderr() as native_log:
+        try:
+            art.generate_artifacts(
+                model,
+                requires_grad=groups.trainable,
+                frozen_params=groups.frozen,
+                loss=art.LossType.CrossEntropyLoss,
+                optimizer=optim,
+                artifact_directory=str(directory),
+                additional_output_names=[logits],
+            )
+        except RuntimeError as exc:
+            error = exc
+        else:
+            error = None
+    if error is not None:
+        raise _explain(error, model) from None
+    log.debug("ORT artifact generation log: %d characters", len(native_log[0]))
+
+
+_NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node")
+
+
+def _explain(error: RuntimeError, model: onnx.ModelProto) -> NeqError:
+    text = str(error)
+    match = _NO_GRADIENT.search(text)
+    if match:
+        op = match.group(1)
+        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+        shown = ", ".join(f"'{n}'" for n in nodes[:8]) + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")
+        return NeqError(
+            f"op {op} has no gradient in onnxruntime-training 1.19.2 (nodes {shown}); replace it with differentiable ops in the source model before exporting"
+        )
+    first = text.strip().splitlines()[-1] if text.strip() else error.__class__.__name__
+    return NeqError(f"onnxruntime-training could not build the training graph: {first[:300]}")
+
+
+def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> ir.Model:
+    model = ir.load(str(path))
+    ir.passes.Sequential(*passes)(model)
+    ir.save(model, str(path))
+    return model

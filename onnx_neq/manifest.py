@@ -1,0 +1,122 @@
+"""manifest.json: the one contract between the graph side (prepare) and the training side (train).
+
+Fields (all counts are numbers of scalar parameters unless said otherwise):
+  format, version          "onnx-neq-manifest", 1
+  source_model             the ONNX file prepare read
+  optimizer                "sgd" | "adamw" (what optimizer_model.onnx implements)
+  input                    {name, shape (null = dynamic), mean, std, layout: "NCHW"}
+  label_input              name of the int64 label input of the training graph
+  logits_output            name of the logits output (training and eval graphs)
+  loss_output              name of the loss output
+  num_classes              width of the logits
+  neurons                  total selectable neurons (output channels of all Convs)
+  selectable_params        total parameters of all Convs (weights + biases)
+  classifier_params        Gemm/MatMul head parameters: always trained, never budgeted
+  bn_params                BatchNorm scale + bias: always trained, never budgeted
+  other_params             other trainable parameters (PRelu slopes, norm scales)
+  frozen_params            names of frozen initializers (BatchNorm running statistics, ...)
+  always_trained           names of the parameters trained without masks
+  layers                   in graph order: {name, node, weight, bias, kind (conv|depthwise|grouped),
+                           out_channels, in_channels, groups, kernel, neuron_cost, mask_input,
+                           tap_output}
+  files                    {training_model, eval_model, optimizer_model, checkpoint}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import NeqError
+
+FORMAT = "onnx-neq-manifest"
+VERSION = 1
+FILENAME = "manifest.json"
+
+
+@dataclass
+class Layer:
+    name: str
+    node: str
+    weight: str
+    bias: str | None
+    kind: str
+    out_channels: int
+    in_channels: int
+    groups: int
+    kernel: list[int]
+    neuron_cost: int
+    mask_input: str
+    tap_output: str
+
+    @property
+    def params(self) -> int:
+        return self.out_channels * self.neuron_cost
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list[int | None]
+    mean: list[float]
+    std: list[float]
+    layout: str = "NCHW"
+
+
+@dataclass
+class Manifest:
+    source_model: str
+    optimizer: str
+    input: InputSpec
+    label_input: str
+    logits_output: str
+    loss_output: str
+    num_classes: int
+    neurons: int
+    selectable_params: int
+    classifier_params: int
+    bn_params: int
+    other_params: int
+    frozen_params: list[str]
+    always_trained: list[str]
+    layers: list[Layer]
+    files: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["input"] = InputSpec(**data["input"])
+        data["layers"] = [Layer(**layer) for layer in data["layers"]]
+        return cls(**data)
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    path = Path(directory) / FILENAME
+    path.write_text(manifest.to_json())
+    return path
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of an artifacts directory, or NeqError naming what is wrong and the fix."""
+    directory = Path(directory)
+    path = directory / FILENAME
+    if not directory.is_dir():
+        raise NeqError(f"{directory}: no such artifacts directory; create it with `onnx-neq prepare MODEL.onnx -o {directory}`")
+    if not path.exists():
+        raise NeqError(f"{directory} has no {FILENAME}; it is not an onnx-neq artifacts directory (run `onnx-neq prepare` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NeqError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run `onnx-neq prepare`") from None
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise NeqError(f"{path} is not an onnx-neq manifest of version {VERSION}; re-run `onnx-neq prepare`")
+    try:
+        return Manifest.from_dict(data)
+    except TypeError as exc:
+        raise NeqError(f"{path} is malformed ({exc}); re-run `onnx-neq prepare`") from None

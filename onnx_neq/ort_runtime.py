@@ -1,0 +1,96 @@
+"""Access to onnxruntime-training without torch.
+
+`import onnxruntime.training` runs a package __init__ that imports torch (for ORTModule).
+Edge boards have onnxruntime-training and numpy only, so we register a bare package object
+for `onnxruntime.training` and import just the submodules we need (`api`, `artifacts`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+
+
+def onnxruntime():
+    """The onnxruntime module, imported so that it does not pull in torch.
+
+    On import, onnxruntime probes `onnxruntime.training.ortmodule` (which imports torch) and
+    treats an ImportError as "no ORTModule". Registering a bare training package and marking
+    ortmodule absent first makes that probe fail fast, torch installed or not.
+    """
+    if "onnxruntime" not in sys.modules:
+        _bare_training_package()
+        sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+    import onnxruntime as ort
+
+    return ort
+
+
+def _bare_training_package() -> None:
+    if "onnxruntime.training" in sys.modules:
+        return
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        from .errors import NeqError
+
+        raise NeqError("onnxruntime-training is not installed; pip install onnxruntime-training-cpu==1.19.2")
+    pkg = types.ModuleType("onnxruntime.training")
+    pkg.__path__ = [os.path.join(spec.submodule_search_locations[0], "training")]
+    sys.modules["onnxruntime.training"] = pkg
+
+
+def training_api():
+    """The `onnxruntime.training.api` module (Module, Optimizer, CheckpointState)."""
+    onnxruntime()
+    _bare_training_package()
+    from onnxruntime.training import api
+
+    return api
+
+
+def artifacts_module():
+    """The `onnxruntime.training.artifacts` module (generate_artifacts, LossType, OptimType)."""
+    onnxruntime()
+    _bare_training_package()
+    from onnxruntime.training import artifacts
+
+    return artifacts
+
+
+def inference_session(model, threads: int = 0):
+    """An onnxruntime.InferenceSession for a ModelProto or a path, with ORT's chatter silenced."""
+    ort = onnxruntime()
+    source = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def session_options(threads: int = 0):
+    """SessionOptions with ORT's log chatter off and, if given, a thread count."""
+    opts = onnxruntime().SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[list[str]]:
+    """Capture what native code writes to fd 2 (ORT logs every graph transformer at INFO)."""
+    sink: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))

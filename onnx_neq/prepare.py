@@ -1,0 +1,134 @@
+"""`onnx-neq prepare`: an ONNX classifier -> ORT training artifacts with masks, taps and manifest."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from . import artifacts
+from .conv_layers import ConvLayer, find_conv_layers
+from .errors import NeqError
+from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
+from .model_io import load_model
+from .parameters import ParameterGroups, group_parameters
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class PrepareReport:
+    manifest: Manifest
+    directory: Path
+    bn_nodes_fixed: int
+
+
+def prepare(
+    model_path: str | Path, out_dir: str | Path, optimizer: str = "sgd", mean: list[float] | None = None, std: list[float] | None = None
+) -> PrepareReport:
+    """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    proto = load_model(model_path)
+    model = ir.serde.deserialize_model(proto)
+    layers = find_conv_layers(model)
+    if not layers:
+        raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
+    groups = group_parameters(model, layers)
+    input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
+    staging = _staging_dir(out_dir)
+    try:
+        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits)
+        manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers)
+        write_manifest(manifest, staging)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed)
+
+
+def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSpec, str, int]:
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        raise NeqError(f"{path} has {len(inputs)} data inputs ({[v.name for v in inputs]}); onnx-neq expects one image input")
+    if not proto.graph.output:
+        raise NeqError(f"{path} has no graph output")
+    out = proto.graph.output[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise NeqError(f"{path}: input '{inputs[0].name}' has rank {len(dims)}; expected an NCHW image batch")
+    out_dims = out.type.tensor_type.shape.dim
+    num_classes = out_dims[-1].dim_value if out_dims and out_dims[-1].HasField("dim_value") else 0
+    if num_classes <= 1:
+        raise NeqError(f"{path}: output '{out.name}' does not have a fixed class dimension; expected logits [N, classes]")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    mean = mean or _floats(meta.get("onnx_neq.mean")) or IMAGENET_MEAN
+    std = std or _floats(meta.get("onnx_neq.std")) or IMAGENET_STD
+    return InputSpec(inputs[0].name, [None, *dims[1:]], list(mean), list(std)), out.name, num_classes
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return [float(x) for x in text.split(",")] if text else None
+
+
+def _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups: ParameterGroups, layers: list[ConvLayer]) -> Manifest:
+    rows = [
+        Layer(
+            l.name,
+            l.node,
+            l.weight,
+            l.bias,
+            l.kind,
+            l.out_channels,
+            l.in_channels,
+            l.groups,
+            list(l.kernel),
+            l.neuron_cost,
+            l.mask_input,
+            l.tap_output,
+        )
+        for l in layers
+    ]
+    return Manifest(
+        source_model=str(model_path),
+        optimizer=optimizer,
+        input=input_spec,
+        label_input=artifacts.LABEL_INPUT,
+        logits_output=logits,
+        loss_output=report.loss_output,
+        num_classes=num_classes,
+        neurons=sum(l.out_channels for l in layers),
+        selectable_params=sum(l.params for l in layers),
+        classifier_params=groups.count("classifier"),
+        bn_params=groups.count("bn"),
+        other_params=groups.count("other"),
+        frozen_params=groups.frozen,
+        always_trained=groups.bn + groups.classifier + groups.other,
+        layers=rows,
+        files=dict(artifacts.FILES),
+    )
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NeqError(f"{out_dir} exists and is not a directory; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / FILENAME).exists():
+        raise NeqError(f"{out_dir} is not empty and holds no {FILENAME}; choose an empty or new -o directory")
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)

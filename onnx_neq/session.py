@@ -1,0 +1,104 @@
+"""One ORT training session over an artifacts directory, driven through the manifest.
+
+Imports onnxruntime.training.api only (never torch). Masks are float32 vectors, one per
+layer, 1 = train the channel, 0 = freeze it. With SGD the masked gradient is an exact freeze;
+with AdamW the optimizer still moves zero-gradient weights (moments, weight decay), so after
+each step the frozen channels are written back from a snapshot taken when the masks were set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NeqError
+from .manifest import Manifest, read_manifest
+from .ort_runtime import captured_native_stderr, session_options, training_api
+
+
+class TrainingSession:
+    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0):
+        self.dir = Path(artifacts_dir)
+        self.manifest: Manifest = read_manifest(self.dir)
+        api = training_api()
+        files = {k: self.dir / v for k, v in self.manifest.files.items()}
+        with captured_native_stderr():
+            self.state = api.CheckpointState.load_checkpoint(os.fspath(checkpoint or files["checkpoint"]))
+            self.module = api.Module(files["training_model"], self.state, files["eval_model"], session_options=session_options(threads))
+            self.optimizer = api.Optimizer(files["optimizer_model"], self.module)
+        self.layers = {layer.name: layer for layer in self.manifest.layers}
+        self.masks = {name: np.ones(layer.out_channels, np.float32) for name, layer in self.layers.items()}
+        self._frozen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    # masks -------------------------------------------------------------------------------
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        """Set the per-channel masks by layer name (missing layers keep their current mask)."""
+        for name, mask in masks.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                raise NeqError(f"no layer named {name!r} in the manifest")
+            mask = np.asarray(mask, np.float32).reshape(-1)
+            if mask.shape != (layer.out_channels,):
+                raise NeqError(f"mask for {name} has {mask.size} entries; the layer has {layer.out_channels} channels")
+            self.masks[name] = mask
+        self._snapshot_frozen()
+
+    def _snapshot_frozen(self) -> None:
+        self._frozen = {}
+        if self.manifest.optimizer == "sgd":
+            return
+        for name, mask in self.masks.items():
+            rows = np.flatnonzero(mask == 0)
+            if rows.size == 0:
+                continue
+            layer = self.layers[name]
+            for param in filter(None, (layer.weight, layer.bias)):
+                self._frozen[param] = (rows, self.state.parameters[param].data[rows].copy())
+
+    def _restore_frozen(self) -> None:
+        for param, (rows, values) in self._frozen.items():
+            data = self.state.parameters[param].data
+            data[rows] = values
+            self.state.parameters[param] = data
+
+    # steps -------------------------------------------------------------------------------
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        """One optimizer step on a batch; returns (loss, logits)."""
+        self.module.train()
+        self.optimizer.set_learning_rate(float(lr))
+        masks = [self.masks[layer.name] for layer in self.manifest.layers]
+        loss, logits = self.module(_f32(images), labels.astype(np.int64), *masks)[:2]
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        if self._frozen:
+            self._restore_frozen()
+        return float(loss), logits
+
+    def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits and the raw Conv outputs (taps, by layer name) of a batch in inference mode."""
+        self.module.eval()
+        labels = np.zeros(len(images), np.int64)
+        outputs = self.module(_f32(images), labels)
+        logits, taps = outputs[1], outputs[2:]
+        return logits, {layer.name: tap for layer, tap in zip(self.manifest.layers, taps)}
+
+    # parameters --------------------------------------------------------------------------
+    def parameter(self, name: str) -> np.ndarray:
+        return self.state.parameters[name].data
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: p.data for name, p in self.state.parameters}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        training_api().CheckpointState.save_checkpoint(self.state, os.fspath(path))
+
+    def export_inference(self, path: str | Path) -> None:
+        """Write an inference model (current weights, logits only, no masks or taps)."""
+        with captured_native_stderr():
+            self.module.export_model_for_inferencing(os.fspath(path), [self.manifest.logits_output])
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,44 @@
+"""Plain-text tables for what the CLI prints (the library itself never prints)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .manifest import Manifest
+
+
+def table(rows: list[tuple], headers: tuple[str, ...]) -> str:
+    cells = [tuple(str(c) for c in headers)] + [tuple(_fmt(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def manifest_summary(m: Manifest) -> str:
+    kinds = Counter(layer.kind for layer in m.layers)
+    by_kind = [
+        (kind, n, sum(lay.out_channels for lay in m.layers if lay.kind == kind), sum(lay.params for lay in m.layers if lay.kind == kind))
+        for kind, n in sorted(kinds.items())
+    ]
+    by_kind.append(("total", len(m.layers), m.neurons, m.selectable_params))
+    lines = [
+        f"input      {m.input.name} {['N' if d is None else d for d in m.input.shape]}  mean {m.input.mean}  std {m.input.std}",
+        f"classes    {m.num_classes}    optimizer {m.optimizer}",
+        "",
+        "selectable neurons (one per Conv output channel, masked through one input per Conv):",
+        table(by_kind, ("kind", "layers", "neurons", "params")),
+        "",
+        "always trained, not counted against the budget:",
+        table([("classifier", m.classifier_params), ("batchnorm scale+bias", m.bn_params), ("other", m.other_params)], ("group", "params")),
+        f"frozen     {len(m.frozen_params)} tensors (BatchNorm running statistics and constants)",
+    ]
+    return "\n".join(lines)
