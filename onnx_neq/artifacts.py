@@ -43,12 +43,18 @@ class ArtifactsReport:
 
 
 def generate(
-    model: onnx.ModelProto, groups: ParameterGroups, layers: list[ConvLayer], optimizer: str, directory: Path, logits: str
+    model: onnx.ModelProto,
+    groups: ParameterGroups,
+    layers: list[ConvLayer],
+    optimizer: str,
+    directory: Path,
+    logits: str,
+    weight_decay: float = 0.0,
 ) -> ArtifactsReport:
     """Write the four ORT artifacts into `directory` and apply masks and taps."""
     if optimizer not in OPTIMIZERS:
         raise NeqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
-    _generate_ort_artifacts(model, groups, optimizer, directory, logits)
+    _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), directory, logits)
     user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
     training = _rewrite(directory / FILES["training_model"], [masks])
@@ -57,10 +63,19 @@ def generate(
     return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed)
 
 
-def _generate_ort_artifacts(model: onnx.ModelProto, groups: ParameterGroups, optimizer: str, directory: Path, logits: str) -> None:
+def _optimizer_block(optimizer: str, weight_decay: float):
+    """ORT's optimizer block: plain SGD, or AdamW with decoupled weight decay (ORT's default is 0)."""
+    art = artifacts_module()
+    if optimizer == "sgd":
+        if weight_decay:
+            raise NeqError("ORT's SGD has no weight decay; use --optimizer adamw for --weight-decay")
+        return art.OptimType.SGD
+    return art.onnxblock.optim.AdamW(weight_decay=weight_decay)
+
+
+def _generate_ort_artifacts(model: onnx.ModelProto, groups: ParameterGroups, optim, directory: Path, logits: str) -> None:
     art = artifacts_module()
     directory.mkdir(parents=True, exist_ok=True)
-    optim = art.OptimType.AdamW if optimizer == "adamw" else art.OptimType.SGD
     with captured_native_stderr() as native_log:
         try:
             art.generate_artifacts(

@@ -88,14 +88,15 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
     help="Artifacts directory to write.",
 )
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer model to generate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW decoupled weight decay [default: 0.01 for adamw].")
 @click.option("--mean", default=None, help="Override the input normalization mean (comma-separated).")
 @click.option("--std", default=None, help="Override the input normalization std (comma-separated).")
-def prepare(model, out_dir, optimizer, mean, std) -> None:
+def prepare(model, out_dir, optimizer, weight_decay, mean, std) -> None:
     """Make ORT training artifacts with per-channel gradient masks, activation taps and a manifest."""
     from .prepare import prepare as run_prepare
     from .summary import manifest_summary
 
-    report = run_prepare(model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"))
+    report = run_prepare(model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay)
     click.echo(manifest_summary(report.manifest))
     click.echo(f"\nwrote {out_dir}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json")
 

@@ -82,21 +82,37 @@ def export(
 
     from .architectures import build
 
-    if bn not in ("train", "frozen"):
-        raise NeqError(f"--bn must be 'train' or 'frozen', not {bn!r}")
     torch.manual_seed(seed)
     model = build(arch, num_classes, width_mult)
     head_replaced = load_state_dict(model, weights, num_classes) if weights else False
+    diff = export_module(model, output, resolution, bn, mean, std, name=arch)
+    params = sum(p.numel() for p in model.parameters())
+    return ExportReport(arch, num_classes, resolution, params, str(weights) if weights else None, head_replaced, diff)
+
+
+def export_module(
+    model,
+    output: Path,
+    resolution: int,
+    bn: str = "train",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    name: str = "custom",
+) -> float:
+    """Export any torch CNN classifier (NCHW image in, logits out); returns max |ORT - torch|."""
+    import torch
+
+    if bn not in ("train", "frozen"):
+        raise NeqError(f"--bn must be 'train' or 'frozen', not {bn!r}")
     model.eval()
     dummy = torch.randn(2, 3, resolution, resolution)
     with torch.no_grad():
         reference = model(dummy).numpy()
-    _torch_export(model, dummy, output, bn)
-    _record_metadata(output, arch, mean or list(IMAGENET_MEAN), std or list(IMAGENET_STD))
-    diff = _check_against_ort(output, dummy.numpy(), reference)
-    params = sum(p.numel() for p in model.parameters())
-    log.info("exported %s to %s (max |ORT - torch| = %.2e)", arch, output, diff)
-    return ExportReport(arch, num_classes, resolution, params, str(weights) if weights else None, head_replaced, diff)
+    _torch_export(model, dummy, Path(output), bn)
+    _record_metadata(Path(output), name, mean or list(IMAGENET_MEAN), std or list(IMAGENET_STD))
+    diff = _check_against_ort(Path(output), dummy.numpy(), reference)
+    log.info("exported %s to %s (max |ORT - torch| = %.2e)", name, output, diff)
+    return diff
 
 
 def _torch_export(model, dummy, output: Path, bn: str) -> None:

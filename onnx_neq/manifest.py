@@ -4,6 +4,7 @@ Fields (all counts are numbers of scalar parameters unless said otherwise):
   format, version          "onnx-neq-manifest", 1
   source_model             the ONNX file prepare read
   optimizer                "sgd" | "adamw" (what optimizer_model.onnx implements)
+  weight_decay             AdamW's decoupled weight decay baked into optimizer_model.onnx (0 for SGD)
   input                    {name, shape (null = dynamic), mean, std, layout: "NCHW"}
   label_input              name of the int64 label input of the training graph
   logits_output            name of the logits output (training and eval graphs)
@@ -82,6 +83,7 @@ class Manifest:
     always_trained: list[str]
     layers: list[Layer]
     files: dict[str, str] = field(default_factory=dict)
+    weight_decay: float = 0.0
     format: str = FORMAT
     version: int = VERSION
 

@@ -17,6 +17,7 @@ from .errors import NeqError
 from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
 from .model_io import load_model
 from .parameters import ParameterGroups, group_parameters
+from .passes.batchnorm_affine import BatchNormAffinePass
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,16 @@ class PrepareReport:
     manifest: Manifest
     directory: Path
     bn_nodes_fixed: int
+    frozen_bn_rewritten: int
 
 
 def prepare(
-    model_path: str | Path, out_dir: str | Path, optimizer: str = "sgd", mean: list[float] | None = None, std: list[float] | None = None
+    model_path: str | Path,
+    out_dir: str | Path,
+    optimizer: str = "sgd",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    weight_decay: float | None = None,
 ) -> PrepareReport:
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
     model_path, out_dir = Path(model_path), Path(out_dir)
@@ -41,17 +48,23 @@ def prepare(
     layers = find_conv_layers(model)
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
-    groups = group_parameters(model, layers)
+    groups = group_parameters(model, layers)  # before the rewrite below hides BatchNorm's parameters
     input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
+    affine = BatchNormAffinePass()
+    affine(model)
+    proto = ir.serde.serialize_model(model)
     staging = _staging_dir(out_dir)
     try:
-        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits)
+        if weight_decay is None:
+            weight_decay = 0.01 if optimizer == "adamw" else 0.0
+        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay)
         manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers)
+        manifest.weight_decay = weight_decay
         write_manifest(manifest, staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed)
+    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten))
 
 
 def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSpec, str, int]:

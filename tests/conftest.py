@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny CNNs built here, exported and prepared once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class TinyCNN(nn.Module):
+    """Every Conv flavour prepare must handle: regular with bias, depthwise with bias, grouped."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 12, 1, groups=4, bias=False)
+        self.bn3 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.stem(x)))
+        x = torch.relu(self.bn2(self.dw(x)))
+        x = torch.relu(self.bn3(self.grouped(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_tiny(seed: int = 0) -> TinyCNN:
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    with torch.no_grad():  # non-trivial running statistics, as in a pretrained model
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> tuple[Path, TinyCNN]:
+    from onnx_neq.export import export_module
+
+    model = make_tiny()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    export_module(model, path, resolution=8)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_frozen_bn_onnx(tmp_path_factory) -> Path:
+    """The tiny model with BatchNorm on running statistics, so every conv bias gets a gradient."""
+    from onnx_neq.export import export_module
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny_frozen_bn.onnx"
+    export_module(make_tiny(), path, resolution=8, bn="frozen")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_onnx, tmp_path_factory) -> Path:
+    from onnx_neq.prepare import prepare
+
+    out = tmp_path_factory.mktemp("tiny_art") / "sgd"
+    prepare(tiny_onnx[0], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def frozen_bn_artifacts(tiny_frozen_bn_onnx, tmp_path_factory) -> dict[str, Path]:
+    """SGD and AdamW (weight decay 0.1) artifacts of the frozen-BatchNorm tiny model."""
+    from onnx_neq.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny_art")
+    prepare(tiny_frozen_bn_onnx, root / "sgd")
+    prepare(tiny_frozen_bn_onnx, root / "adamw", optimizer="adamw", weight_decay=0.1)
+    return {"sgd": root / "sgd", "adamw": root / "adamw"}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
