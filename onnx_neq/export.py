@@ -48,16 +48,23 @@ def load_state_dict(model, weights: Path, num_classes: int) -> bool:
         ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise NeqError(f"{weights} holds a {type(state).__name__}, not a state dict; save it with torch.save(model.state_dict(), path)")
+    own = model.state_dict()
     head = _head_keys(model)
-    head_replaced = any(k in state and state[k].shape != v.shape for k, v in model.state_dict().items() if k in head)
-    if head_replaced:
-        state = {k: v for k, v in state.items() if k not in head}
-        state.update({k: v for k, v in model.state_dict().items() if k in head})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise NeqError(
-            f"{weights} does not match this architecture: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; check the architecture name and --width-mult"
+    head_replaced = any(k in state and state[k].shape != own[k].shape for k in head)
+    if head_replaced:  # --num-classes differs from the weights': keep the freshly initialized head
+        state = {**{k: v for k, v in state.items() if k not in head}, **{k: own[k] for k in head}}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what}: {', '.join(items[:3])}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if items
         )
+        raise NeqError(f"{weights} does not match this architecture ({detail}); check the architecture name and --width-mult")
+    model.load_state_dict(state, strict=True)
     return head_replaced
 
 

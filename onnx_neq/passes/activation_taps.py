@@ -29,7 +29,8 @@ class ActivationTapPass(ir.passes.InPlacePass):
             node, value = producers[layer.output]
             identity = ir.node("Identity", [value], name=layer.tap_output)
             identity.outputs[0].name = layer.tap_output
-            identity.outputs[0].type = value.type
+            identity.outputs[0].type = value.type or ir.TensorType(node.inputs[0].dtype or ir.DataType.FLOAT)
+            identity.outputs[0].shape = value.shape or ir.Shape([None, layer.out_channels] + [None] * len(layer.kernel))
             graph.insert_after(node, identity)
             graph.outputs.append(identity.outputs[0])
             self.taps.append(layer.tap_output)

@@ -61,10 +61,12 @@ class GradientMaskPass(ir.passes.InPlacePass):
             reshape = ir.node("Reshape", [mask, shape], name=f"{mask.name}.reshape{rank}")
             scale = reshape.outputs[0]
             scale.name = f"{mask.name}.{rank}d"
+            scale.type = mask.type
             nodes.append(reshape)
         uses = list(grad.uses())
         mul = ir.node("Mul", [grad, scale], name=f"{param}_grad.masked")
         mul.outputs[0].name = f"{param}_grad.masked"
+        mul.outputs[0].type, mul.outputs[0].shape = grad.type, grad.shape
         nodes.append(mul)
         graph.insert_after(grad.producer(), nodes)
         for consumer, index in uses:
