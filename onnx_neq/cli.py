@@ -91,13 +91,16 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW decoupled weight decay [default: 0.01 for adamw].")
 @click.option("--mean", default=None, help="Override the input normalization mean (comma-separated).")
 @click.option("--std", default=None, help="Override the input normalization std (comma-separated).")
-def prepare(model, out_dir, optimizer, weight_decay, mean, std) -> None:
+@click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Replace the classifier head with a fresh one of N classes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new head's initialization.")
+def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed) -> None:
     """Make ORT training artifacts with per-channel gradient masks, activation taps and a manifest."""
     from .prepare import prepare as run_prepare
-    from .summary import manifest_summary
+    from .summary import manifest_summary, prepare_changes
 
-    report = run_prepare(model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay)
+    report = run_prepare(model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay, num_classes, seed)
     click.echo(manifest_summary(report.manifest))
+    click.echo(prepare_changes(report))
     click.echo(f"\nwrote {out_dir}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json")
 
 

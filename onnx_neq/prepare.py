@@ -18,6 +18,8 @@ from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
 from .model_io import load_model
 from .parameters import ParameterGroups, group_parameters
 from .passes.batchnorm_affine import BatchNormAffinePass
+from .passes.classifier_head import ClassifierHeadPass
+from .passes.dropout_removal import DropoutRemovalPass
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class PrepareReport:
     directory: Path
     bn_nodes_fixed: int
     frozen_bn_rewritten: int
+    dropout_removed: int
+    head_replaced: tuple[int, int] | None
 
 
 def prepare(
@@ -40,11 +44,17 @@ def prepare(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     weight_decay: float | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
 ) -> PrepareReport:
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     proto = load_model(model_path)
     model = ir.serde.deserialize_model(proto)
+    head = ClassifierHeadPass(num_classes, seed) if num_classes else None
+    dropout = DropoutRemovalPass()
+    ir.passes.Sequential(*filter(None, [head, dropout]))(model)
+    proto = ir.serde.serialize_model(model)
     layers = find_conv_layers(model)
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
@@ -64,7 +74,7 @@ def prepare(
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten))
+    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten), dropout.removed, head.replaced if head else None)
 
 
 def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSpec, str, int]:

@@ -42,3 +42,17 @@ def manifest_summary(m: Manifest) -> str:
         f"frozen     {len(m.frozen_params)} tensors (BatchNorm running statistics and constants)",
     ]
     return "\n".join(lines)
+
+
+def prepare_changes(report) -> str:
+    """What prepare changed in the graph, one line each."""
+    lines = []
+    if report.head_replaced:
+        lines.append(f"head       replaced: {report.head_replaced[0]} -> {report.head_replaced[1]} classes, freshly initialized")
+    if report.dropout_removed:
+        lines.append(f"dropout    {report.dropout_removed} Dropout node(s) removed (training is deterministic and resumable)")
+    if report.frozen_bn_rewritten:
+        lines.append(
+            f"batchnorm  {report.frozen_bn_rewritten} inference-mode BatchNorm node(s) rewritten as affine ops (running statistics frozen)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""ClassifierHeadPass: a freshly initialized classifier head with N outputs.
+
+Before:  logits = Gemm(features, W[K, F], b[K])         (or MatMul(features, W[F, K]) + b[K])
+After:   logits = Gemm(features, W'[N, F], b'[N])       W', b' ~ U(-1/sqrt(F), 1/sqrt(F)), as torch.nn.Linear
+
+The head is the Gemm/MatMul that the first graph output is computed from, possibly through
+shape-only ops (Identity, Flatten, Reshape, Squeeze). Its initializers are replaced in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import NeqError
+
+_PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze"}
+
+
+class ClassifierHeadPass(ir.passes.InPlacePass):
+    def __init__(self, num_classes: int, seed: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.rng = np.random.default_rng(seed)
+        self.replaced: tuple[int, int] | None = None  # (old classes, new classes)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        node = _head(model.graph)
+        weight, bias, transposed = _weight_and_bias(node)
+        w = weight.const_value.numpy()
+        features, old = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        bound = 1.0 / np.sqrt(features)
+        new_w = self.rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
+        _replace(weight, new_w if transposed else new_w.T.copy())
+        _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
+        for out in model.graph.outputs[:1]:
+            if out.shape is not None and out.shape.rank():
+                out.shape = ir.Shape([*out.shape[:-1], self.num_classes])
+        self.replaced = (old, self.num_classes)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _head(graph: ir.Graph) -> ir.Node:
+    value = graph.outputs[0]
+    while value.producer() is not None and value.producer().op_type in _PASS_THROUGH | {"Add"}:
+        node = value.producer()
+        if node.op_type == "Add" and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "MatMul":
+            return node
+        value = node.inputs[0]
+    node = value.producer()
+    if node is None or node.op_type != "Gemm":
+        raise NeqError("--num-classes: no Gemm or MatMul+Add classifier found before the model's output; replace the head before exporting")
+    return node
+
+
+def _weight_and_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, bool]:
+    if node.op_type == "Add":
+        matmul = node.inputs[0].producer()
+        weight, bias, transposed = matmul.inputs[1], node.inputs[1], False
+    else:
+        if node.attributes.get_int("transA", 0):
+            raise NeqError(f"--num-classes: Gemm '{node.name}' has transA=1, which onnx-neq does not rewrite")
+        weight, transposed = node.inputs[1], bool(node.attributes.get_int("transB", 0))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if weight is None or weight.const_value is None or bias is None or bias.const_value is None:
+        raise NeqError(f"--num-classes: the head '{node.name}' needs an initializer weight and bias")
+    return weight, bias, transposed
+
+
+def _replace(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)

@@ -1,0 +1,81 @@
+"""Which neurons train next epoch: plain numpy functions, no ONNX (ALGORITHM.md, "Selection").
+
+All work on flat arrays over every neuron of the model (manifest layer order) and return a
+boolean mask: True = train this neuron's channel. The budget bounds the sum of costs of the
+selected neurons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def greedy(order: np.ndarray, costs: np.ndarray, budget: int, backfill: bool = False) -> np.ndarray:
+    """Walk neurons in `order`, adding costs while the sum stays <= budget.
+
+    Without backfill stop at the first neuron that does not fit (the authors' code); with
+    backfill skip it and keep going with the following, cheaper ones.
+    """
+    selected = np.zeros(len(costs), bool)
+    cumulative = np.cumsum(costs[order])
+    if not backfill:
+        fits = cumulative <= budget
+        stop = len(order) if fits.all() else int(np.argmin(fits))
+        selected[order[:stop]] = True
+        return selected
+    total = 0
+    for i in order:
+        if total + costs[i] <= budget:
+            selected[i] = True
+            total += int(costs[i])
+    return selected
+
+
+def velocity_ranking(velocity: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Neurons by |velocity| / cost, descending (ties in index order)."""
+    return np.argsort(-(np.abs(velocity) / costs), kind="stable")
+
+
+def select_velocity(velocity: np.ndarray, costs: np.ndarray, budget: int, backfill: bool = False) -> np.ndarray:
+    return greedy(velocity_ranking(velocity, costs), costs, budget, backfill)
+
+
+def select_random(costs: np.ndarray, budget: int, rng: np.random.Generator, backfill: bool = False) -> np.ndarray:
+    """A fresh random permutation of all neurons, taken greedily until the budget."""
+    return greedy(rng.permutation(len(costs)), costs, budget, backfill)
+
+
+def select_full(costs: np.ndarray) -> np.ndarray:
+    return np.ones(len(costs), bool)
+
+
+def select_neq(velocity: np.ndarray, eps: float) -> np.ndarray:
+    """NEq threshold mode: train the neurons whose |velocity| exceeds eps; no budget."""
+    return np.abs(velocity) > eps
+
+
+def select_su(weight_norms: list[np.ndarray], scheme: dict[int, float]) -> np.ndarray:
+    """Static Sparse Update: in each listed layer (by index) keep the `ratio` of output channels
+    with the largest weight L2 norm; every other layer frozen."""
+    parts = []
+    for index, norms in enumerate(weight_norms):
+        keep = np.zeros(len(norms), bool)
+        count = int(len(norms) * scheme.get(index, 0.0))
+        keep[np.argsort(-norms, kind="stable")[:count]] = True
+        parts.append(keep)
+    return np.concatenate(parts)
+
+
+# MobileNetV2 schemes of the WACV paper (ALGORITHM.md table): conv index -> ratio of channels.
+SU_SCHEMES: dict[int, dict[int, float]] = {
+    1: dict(zip([36, 39, 40, 41, 42, 45, 48, 49], [1, 1, 0, 0.25, 0.125, 0.125, 0.125, 0.125])),
+    2: dict(zip([32, 33, 36, 39, 41, 42, 45, 48], [0.125, 0.5, 0.5, 1, 0.25, 0.125, 0.125, 1])),
+    3: dict(zip([27, 30, 33, 36, 39, 42, 45, 48], [1, 1, 1, 1, 1, 0.125, 0.5, 1])),
+    4: dict(zip([27, 30, 33, 36, 39, 42, 45, 48], [1, 1, 1, 1, 1, 0.5, 1, 1])),
+    5: dict(zip([27, 30, 33, 36, 39, 42, 45, 48], [1, 1, 1, 1, 1, 1, 1, 1])),
+}
+
+
+def split_by_layer(selected: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Cut a flat neuron mask into per-layer float32 masks."""
+    return [part.astype(np.float32) for part in np.split(selected, np.cumsum(sizes)[:-1])]
