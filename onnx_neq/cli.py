@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -118,6 +119,150 @@ def export_inference(artifacts_dir, output, checkpoint) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     session.export_inference(output)
     click.echo(f"wrote {output}")
+
+
+def _classes(text: str | None) -> list[int] | None:
+    """'5-9' or '5,6,7' -> [5, 6, 7, ...]."""
+    if not text:
+        return None
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise NeqError(f"--classes takes a range like 5-9 or a list like 0,2,4, not {text!r}") from None
+
+
+@main.command("train")
+@click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help="digits | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR | npz:FILE",
+)
+@click.option("--classes", default=None, help="Keep only these classes, relabelled 0..k-1 (e.g. 5-9).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory [default: runs/SELECTOR-DATA-TIME]."
+)
+@click.option("--budget", type=click.IntRange(min=0), default=None, help="Max updated conv parameters per epoch.")
+@click.option("--budget-ratio", type=float, default=None, help="Budget as a fraction of the selectable parameters [default: 0.308].")
+@click.option("--selector", type=click.Choice(["velocity", "random", "su", "full", "neq"]), default="velocity", show_default=True)
+@click.option(
+    "--init",
+    type=click.Choice(["random", "su", "full"]),
+    default=None,
+    help="First-epoch selection, before any velocity [default: random; full for neq].",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (warm-up from 0, then cosine, per iteration).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--velocity-images",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Size of the fixed velocity set, drawn from the validation split.",
+)
+@click.option("--mu", type=float, default=0.5, show_default=True, help="Velocity momentum.")
+@click.option("--eps", type=float, default=1e-3, show_default=True, help="NEq threshold on |velocity|.")
+@click.option(
+    "--su-scheme",
+    default=None,
+    help="Sparse Update scheme: 1-5 (MobileNetV2) or a JSON/YAML file [default: largest built-in within the budget].",
+)
+@click.option("--backfill", is_flag=True, help="Greedy selection keeps filling the budget with cheaper neurons after the first misfit.")
+@click.option(
+    "--recurrence",
+    type=click.Choice(["code", "textbook"]),
+    default="code",
+    show_default=True,
+    help="Velocity recurrence: the authors' code, or the slides'.",
+)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its stored settings.")
+def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
+    """Fine-tune under a parameter budget; between epochs the selector rewrites the masks.
+
+    With no arguments: the shipped MobileNetV2 0.35 (pretrained on Fashion-MNIST classes 0-4)
+    fine-tuned on digits at 30.8% of its selectable parameters with the velocity selector.
+    """
+    from .default_model import default_artifacts
+    from .summary import train_summary
+    from .train import TrainConfig, train
+
+    if resume and out is None:
+        raise NeqError("--resume needs --out RUN_DIR, the run to continue")
+    class_list = _classes(classes)
+    if artifacts_dir is None and not resume:
+        artifacts_dir = default_artifacts(_count_classes(data, class_list))
+    out = out or Path("runs") / f"{options['selector']}-{data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = TrainConfig(artifacts=str(artifacts_dir or ""), data=data, out=str(out), classes=class_list, **options)
+    progress = _Progress()
+    try:
+        result = train(config, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        progress.clear()
+        raise NeqError(f"interrupted; continue with: onnx-neq train --out {out} --resume") from None
+    progress.clear()
+    click.echo(train_summary(result))
+
+
+def _count_classes(data: str, classes: list[int] | None) -> int:
+    from .data import load_dataset
+
+    return len(classes) if classes else load_dataset(data).num_classes
+
+
+class _Progress:
+    """Epoch rows as they finish; a live step line on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.header = False
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "resume":
+            click.echo(f"resuming at epoch {info['epoch']}", err=True)
+        elif event == "step" and self.tty:
+            done = int(20 * info["step"] / info["steps"])
+            click.echo(
+                f"\repoch {info['epoch'] + 1}/{info['epochs']} [{'#' * done}{'.' * (20 - done)}] {info['step']}/{info['steps']} loss {info['loss']:.4f}",
+                err=True,
+                nl=False,
+            )
+        elif event == "epoch":
+            self.clear()
+            if not self.header:
+                click.echo("epoch  lr        loss     train   val     test    updated    selected  seconds", err=True)
+                self.header = True
+            r = info
+            click.echo(
+                f"{r['epoch']:>5}  {float(r['lr']):<8.4g}  {float(r['train_loss']):<7.4f}  {float(r['train_top1']):.4f}  {float(r['val_top1']):.4f}  {float(r['test_top1']):.4f}  {r['updated_params']:>9,}  {r['selected_neurons']:>8,}  {float(r['epoch_seconds']):>7.2f}",
+                err=True,
+            )
+
+    def clear(self) -> None:
+        if self.tty:
+            click.echo("\r" + " " * 79 + "\r", err=True, nl=False)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", default="digits", show_default=True, help="Data spec, as for train.")
+@click.option("--classes", default=None, help="Keep only these classes (as for train).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+def eval_command(model, data, classes, split) -> None:
+    """Top-1 of an inference model written by `onnx-neq train` (MODEL or RUN_DIR)."""
+    from .evaluate import evaluate
+
+    if model.is_dir():
+        model = model / "model.onnx"
+    result = evaluate(model, data, _classes(classes), split)
+    click.echo(f"{result.model}: top-1 {result.top1:.4f} on {result.images:,} {split} images of {result.data}")
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

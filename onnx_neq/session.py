@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import NeqError
 from .manifest import Manifest, read_manifest
-from .ort_runtime import captured_native_stderr, session_options, training_api
+from .ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
 
 
 class TrainingSession:
@@ -78,11 +78,20 @@ class TrainingSession:
 
     def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits and the raw Conv outputs (taps, by layer name) of a batch in inference mode."""
+        outputs = self._eval(images)
+        taps = [t.numpy() for t in outputs[2:]]
+        return outputs[1].numpy(), {layer.name: tap for layer, tap in zip(self.manifest.layers, taps)}
+
+    def eval_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits only: the taps stay in ORT's memory, uncopied."""
+        return self._eval(images)[1].numpy()
+
+    def _eval(self, images: np.ndarray):
+        ort = onnxruntime()
         self.module.eval()
-        labels = np.zeros(len(images), np.int64)
-        outputs = self.module(_f32(images), labels)
-        logits, taps = outputs[1], outputs[2:]
-        return logits, {layer.name: tap for layer, tap in zip(self.manifest.layers, taps)}
+        x = ort.OrtValue.ortvalue_from_numpy(_f32(images))
+        labels = ort.OrtValue.ortvalue_from_numpy(np.zeros(len(images), np.int64))
+        return self.module(x, labels)
 
     # parameters --------------------------------------------------------------------------
     def parameter(self, name: str) -> np.ndarray:
@@ -92,7 +101,8 @@ class TrainingSession:
         return {name: p.data for name, p in self.state.parameters}
 
     def save_checkpoint(self, path: str | Path) -> None:
-        training_api().CheckpointState.save_checkpoint(self.state, os.fspath(path))
+        """Parameters and optimizer state (AdamW moments), for an exact resume."""
+        training_api().CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
 
     def export_inference(self, path: str | Path) -> None:
         """Write an inference model (current weights, logits only, no masks or taps)."""

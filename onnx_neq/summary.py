@@ -56,3 +56,31 @@ def prepare_changes(report) -> str:
             f"batchnorm  {report.frozen_bn_rewritten} inference-mode BatchNorm node(s) rewritten as affine ops (running statistics frozen)"
         )
     return "\n".join(lines)
+
+
+def train_summary(result) -> str:
+    """The result table of a run: every epoch, then the numbers that matter."""
+    rows = [
+        (
+            int(r["epoch"]),
+            float(r["lr"]),
+            float(r["train_loss"]),
+            float(r["train_top1"]),
+            float(r["val_top1"]),
+            float(r["test_top1"]),
+            int(r["updated_params"]),
+            int(r["selected_neurons"]),
+        )
+        for r in result.rows
+    ]
+    b = result.budget
+    lines = [
+        table(rows, ("epoch", "lr", "train loss", "train top1", "val top1", "test top1", "updated", "neurons")),
+        "",
+        f"budget        {b.params:,} of {b.total:,} selectable parameters ({b.ratio:.1%}; {b.source})",
+        f"best val      epoch {result.best_epoch}: val top-1 {result.best_val:.4f}, test top-1 {result.test_at_best_val:.4f}",
+        f"final         test top-1 {float(result.rows[-1]['test_top1']):.4f}" if result.rows else "final         no epoch ran",
+        f"run           {result.run_dir}/ (metrics.csv, masks/, model.onnx = weights of the best val epoch)",
+    ]
+    lines += [f"warning       {w}" for w in result.warnings]
+    return "\n".join(lines)
