@@ -3,6 +3,7 @@
 RUN/settings.json          the run's settings (budget resolved, data, manifest totals)
 RUN/metrics.csv            one row per finished epoch
 RUN/masks/epoch_NNN.npz    the per-layer masks trained in that epoch
+RUN/velocity/epoch_NNN.npz phi and velocity per neuron (manifest layer order) after that epoch
 RUN/state/epoch_NNN.ckpt   ORT checkpoint (parameters + optimizer state) after that epoch
 RUN/state/run_state.json   the commit point: last finished epoch, best validation epoch
 RUN/state/velocity.npz     velocity buffers after the last finished epoch
@@ -63,6 +64,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.masks = self.path / "masks"
+        self.velocity = self.path / "velocity"
         self.state_dir = self.path / "state"
 
     # creation ----------------------------------------------------------------------------
@@ -76,7 +78,7 @@ class RunDir:
             raise NeqError(f"{self.path} exists and is not an empty directory; choose another --out")
 
     def create(self, settings: dict) -> None:
-        for d in (self.path, self.masks, self.state_dir):
+        for d in (self.path, self.masks, self.velocity, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path / "settings.json", json.dumps(settings, indent=1).encode())
         atomic_write_bytes(self.path / "metrics.csv", (",".join(METRICS) + "\n").encode())
@@ -94,6 +96,11 @@ class RunDir:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{name: m.astype(np.uint8) for name, m in masks.items()})
         atomic_write_bytes(self.masks / f"epoch_{epoch:03d}.npz", buffer.getvalue())
+
+    def save_velocity(self, epoch: int, phi: np.ndarray, velocity: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, phi=phi, velocity=velocity)
+        atomic_write_bytes(self.velocity / f"epoch_{epoch:03d}.npz", buffer.getvalue())
 
     def load_masks(self, epoch: int) -> dict[str, np.ndarray]:
         with np.load(self.masks / f"epoch_{epoch:03d}.npz") as z:

@@ -277,6 +277,7 @@ class _Loop:
         self.s.save_checkpoint(tmp)
         os.replace(tmp, ckpt)
         self.run_dir.save_masks(epoch, masks)
+        self.run_dir.save_velocity(epoch, velocity.phi, velocity.velocity)
         self.run_dir.append_metrics(row)
         rel = str(ckpt.relative_to(self.run_dir.path))
         better = val > state.best_val
