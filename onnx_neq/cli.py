@@ -122,16 +122,9 @@ def export_inference(artifacts_dir, output, checkpoint) -> None:
 
 
 def _classes(text: str | None) -> list[int] | None:
-    """'5-9' or '5,6,7' -> [5, 6, 7, ...]."""
-    if not text:
-        return None
-    try:
-        if "-" in text:
-            lo, hi = (int(v) for v in text.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise NeqError(f"--classes takes a range like 5-9 or a list like 0,2,4, not {text!r}") from None
+    from .data import parse_classes
+
+    return parse_classes(text) if text else None
 
 
 @main.command("train")
@@ -263,6 +256,68 @@ def eval_command(model, data, classes, split) -> None:
         model = model / "model.onnx"
     result = evaluate(model, data, _classes(classes), split)
     click.echo(f"{result.model}: top-1 {result.top1:.4f} on {result.images:,} {split} images of {result.data}")
+
+
+@main.command("compare")
+@click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "datas",
+    multiple=True,
+    default=["digits"],
+    show_default=True,
+    help="Data spec (repeat for more columns), e.g. fashion-mnist@5-9.",
+)
+@click.option("--methods", default="velocity,random,su,full", show_default=True, help="Comma-separated selectors.")
+@click.option("--budget-ratios", default="0.088,0.212,0.308", show_default=True, help="Comma-separated budget fractions.")
+@click.option("--seeds", default="0,42,100", show_default=True, help="Comma-separated seeds.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for runs/ and report/.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
+    """Run selectors x budgets x seeds on each data set; write the paper-shaped table and plots."""
+    from .compare import CompareConfig, compare
+    from .default_model import default_artifacts
+
+    def artifacts_for(data: str) -> str:
+        return str(artifacts_dir) if artifacts_dir else str(default_artifacts(_count_classes(data, None)))
+
+    config = CompareConfig(
+        data=list(datas),
+        out=str(out),
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        budget_ratios=_floats(budget_ratios, "--budget-ratios"),
+        seeds=[int(s) for s in seeds.split(",")],
+        train_options=train_options,
+    )
+    files = compare(config, artifacts_for, progress=_CompareProgress())
+    click.echo(files["markdown"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+class _CompareProgress(_Progress):
+    def __call__(self, event: str, info: dict) -> None:
+        if event in ("start", "skip"):
+            self.clear()
+            self.header = True
+            click.echo(f"[{info['index']}/{info['total']}] {'done already: ' if event == 'skip' else ''}{info['path']}", err=True)
+        elif event == "step":
+            super().__call__(event, info)
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the table and plots.")
+def report_command(runs, out) -> None:
+    """Table (Markdown, CSV) and plots (PNG) from existing run directories."""
+    from .report import write_report
+
+    files = write_report(list(runs), out)
+    click.echo(files["markdown"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in files.values()))
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

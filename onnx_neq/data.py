@@ -7,6 +7,7 @@
   cifar10:DIR, cifar100:DIR   the python pickles (data_batch_*, test_batch / train, test)
   imagefolder:DIR         DIR/train/<class>/*.png|jpg and DIR/val/ or DIR/test/ (needs Pillow)
   npz:FILE                arrays x_train, y_train, x_test, y_test (NHWC, NCHW or NHW)
+  any spec + @5-9         keep classes 5-9 only, relabelled 0..4 (also: @0,2,4)
 
 Images are resized (bilinear) to the model's input, grayscale is repeated to 3 channels when the
 model wants 3, and (x/255 - mean) / std is applied as the manifest says. A validation split
@@ -50,7 +51,24 @@ class Dataset:
 
 
 def load_dataset(spec: str, resolution: int | None = None) -> Dataset:
-    """Load a data set from a --data spec (see the module docstring)."""
+    """Load a data set from a --data spec (see the module docstring); a suffix @5-9 keeps classes 5-9."""
+    spec, _, subset = spec.partition("@")
+    data = _load(spec, resolution)
+    return select_classes(data, parse_classes(subset)) if subset else data
+
+
+def parse_classes(text: str) -> list[int]:
+    """'5-9' or '5,6,7' -> [5, 6, 7, ...]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise NeqError(f"classes are a range like 5-9 or a list like 0,2,4, not {text!r}") from None
+
+
+def _load(spec: str, resolution: int | None) -> Dataset:
     kind, _, path = spec.partition(":")
     loaders = {
         "digits": _digits,

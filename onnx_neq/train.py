@@ -58,6 +58,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     threads: int = 0
     eval_batch_size: int = 256
+    budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
 
     def validate(self) -> None:
         if self.selector not in SELECTORS:
@@ -162,6 +163,7 @@ def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budg
         "budget": asdict(budget),
         "model": {"source": manifest.source_model, "neurons": manifest.neurons, "selectable_params": manifest.selectable_params},
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test), "classes": data.num_classes},
+        "budget_label": config.budget_label,
         "onnx_neq_version": __import__("onnx_neq").__version__,
     }
 

@@ -1,0 +1,96 @@
+"""`onnx-neq compare`: selectors x budgets x seeds x data sets from one command, then the report.
+
+Runs land in OUT/runs/<data>/<method>-<budget>-seed<seed>/; a finished run is skipped and an
+interrupted one resumed, so re-running the same command continues a long comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import NeqError
+from .manifest import read_manifest
+from .report import write_report
+from .run_dir import RunDir
+from .selectors import SU_SCHEMES
+from .su_schemes import MOBILENET_V2_CONVS, scheme_params
+from .train import SELECTORS, TrainConfig, train
+
+PAPER_RATIOS = (0.088, 0.212, 0.308)
+
+
+@dataclass
+class CompareConfig:
+    data: list[str]
+    out: str
+    artifacts: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["velocity", "random", "su", "full"])
+    budget_ratios: list[float] = field(default_factory=lambda: list(PAPER_RATIOS))
+    seeds: list[int] = field(default_factory=lambda: [0, 42, 100])
+    train_options: dict = field(default_factory=dict)  # epochs, lr, batch_size, ... as for train
+
+
+@dataclass
+class PlannedRun:
+    path: Path
+    config: TrainConfig
+
+    @property
+    def done(self) -> bool:
+        run = RunDir(self.path)
+        return (self.path / "model.onnx").exists() and run.exists() and len(run.metrics()) == self.config.epochs
+
+
+def plan(config: CompareConfig, artifacts_for: Callable[[str], str]) -> list[PlannedRun]:
+    bad = [m for m in config.methods if m not in SELECTORS]
+    if bad:
+        raise NeqError(f"unknown methods {bad}; choose from {', '.join(SELECTORS)}")
+    runs = []
+    for data in config.data:
+        artifacts = artifacts_for(data)
+        manifest = read_manifest(artifacts)
+        for seed in config.seeds:
+            for method in config.methods:
+                for ratio in [None] if method in ("full", "neq") else config.budget_ratios:
+                    runs.append(_planned(config, data, artifacts, manifest, method, ratio, seed))
+    return runs
+
+
+def _planned(config: CompareConfig, data: str, artifacts: str, manifest, method: str, ratio: float | None, seed: int) -> PlannedRun:
+    label = "100%" if ratio is None else f"{ratio:.1%}"
+    options = dict(config.train_options)
+    options.update(artifacts=artifacts, data=data, selector=method, seed=seed, budget_label=label)
+    if method == "su":
+        options["su_scheme"] = str(nearest_su_scheme(manifest, int(manifest.selectable_params * ratio)))
+    elif ratio is not None:
+        options["budget_ratio"] = ratio
+    slug = data.replace(":", "_").replace("/", "_").replace("@", "_")
+    name = f"{method}-seed{seed}" if ratio is None else f"{method}-{label.replace('%', 'pct')}-seed{seed}"
+    path = Path(config.out) / "runs" / slug / name
+    return PlannedRun(path, TrainConfig(out=str(path), **options))
+
+
+def nearest_su_scheme(manifest, budget: int) -> int:
+    """The built-in MobileNetV2 scheme whose parameter count is nearest the budget."""
+    if len(manifest.layers) != MOBILENET_V2_CONVS:
+        raise NeqError(
+            f"method su needs MobileNetV2 ({MOBILENET_V2_CONVS} convs) for its built-in schemes; this model has {len(manifest.layers)}"
+        )
+    return min(SU_SCHEMES, key=lambda k: abs(scheme_params(SU_SCHEMES[k], manifest) - budget))
+
+
+def compare(
+    config: CompareConfig, artifacts_for: Callable[[str], str], progress: Callable[[str, dict], None] | None = None
+) -> dict[str, Path]:
+    progress = progress or (lambda event, info: None)
+    runs = plan(config, artifacts_for)
+    for i, run in enumerate(runs):
+        info = {"index": i + 1, "total": len(runs), "path": str(run.path)}
+        if run.done:
+            progress("skip", info)
+            continue
+        progress("start", info)
+        train(run.config, resume=RunDir(run.path).exists(), progress=lambda e, d: progress(e, d))
+    return write_report([r.path for r in runs], Path(config.out) / "report")

@@ -1,0 +1,221 @@
+"""Results of many runs: the paper-shaped table (Markdown + CSV) and the plots (PNG).
+
+Table: rows budget x method, columns data sets, cells mean +- std over seeds of the test top-1
+at the best validation epoch (the paper's metric); the best method per budget in bold.
+Plots: test top-1 per epoch per method; per-layer fraction of neurons updated per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NeqError
+from .run_dir import RunDir
+
+METHOD_ORDER = ("velocity", "random", "su", "neq", "full")
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    data: str
+    method: str
+    budget_ratio: float
+    budget_label: str
+    seed: int
+    best_epoch: int
+    test_at_best_val: float
+    final_test: float
+    updated_ratio: float
+    epochs: int
+    test_curve: list[float]
+
+
+def summarize(path: str | Path) -> RunSummary:
+    run = RunDir(path)
+    if not run.exists():
+        raise NeqError(f"{path} is not a run directory (no settings.json)")
+    settings = run.settings()
+    rows = run.metrics()
+    if not rows:
+        raise NeqError(f"{path} has no finished epoch")
+    config, budget = settings["config"], settings["budget"]
+    state, _ = run.load_state()
+    test = [float(r["test_top1"]) for r in rows]
+    updated = np.mean([int(r["updated_params"]) for r in rows[1:] or rows]) / budget["total"]
+    data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
+    method = config["selector"]
+    ratio = 1.0 if method in ("full", "neq") else budget["params"] / budget["total"]
+    label = settings.get("budget_label") or ("100%" if method in ("full", "neq") else f"{ratio:.1%}")
+    return RunSummary(
+        run.path,
+        data,
+        method,
+        ratio,
+        label,
+        int(config["seed"]),
+        state.best_epoch,
+        test[state.best_epoch],
+        test[-1],
+        float(updated),
+        len(rows),
+        test,
+    )
+
+
+def _classes(classes: list[int]) -> str:
+    return f"{classes[0]}-{classes[-1]}" if classes == list(range(classes[0], classes[-1] + 1)) else ",".join(map(str, classes))
+
+
+def results_csv(runs: list[RunSummary]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "data",
+            "method",
+            "budget",
+            "budget_ratio",
+            "seed",
+            "best_epoch",
+            "test_top1_at_best_val",
+            "final_test_top1",
+            "mean_updated_ratio",
+            "epochs",
+            "run",
+        ]
+    )
+    for r in sorted(runs, key=lambda r: (r.data, r.budget_label, _method_key(r.method), r.seed)):
+        writer.writerow(
+            [
+                r.data,
+                r.method,
+                r.budget_label,
+                f"{r.budget_ratio:.4f}",
+                r.seed,
+                r.best_epoch,
+                f"{r.test_at_best_val:.4f}",
+                f"{r.final_test:.4f}",
+                f"{r.updated_ratio:.4f}",
+                r.epochs,
+                r.path,
+            ]
+        )
+    return out.getvalue()
+
+
+def _method_key(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def results_markdown(runs: list[RunSummary]) -> str:
+    """Rows budget x method, columns data sets; mean +- std over seeds (in %), best per budget bold."""
+    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in runs:
+        cells[(r.budget_label, r.method, r.data)].append(100 * r.test_at_best_val)
+    datas = sorted({r.data for r in runs})
+    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=lambda b: float(b.rstrip("%")))
+    lines = ["| budget | method | " + " | ".join(datas) + " |", "|---|---|" + "---|" * len(datas)]
+    for budget in budgets + ["100%"]:
+        methods = sorted({m for (b, m, _) in cells if b == budget}, key=_method_key)
+        best = {d: max((np.mean(cells[(budget, m, d)]) for m in methods if cells.get((budget, m, d))), default=None) for d in datas}
+        for m in methods:
+            row = [_cell(cells.get((budget, m, d)), best[d]) for d in datas]
+            lines.append(f"| {budget} | {m} | " + " | ".join(row) + " |")
+    seeds = sorted({r.seed for r in runs})
+    lines.append("")
+    lines.append(
+        f"Test top-1 (%) at the best validation epoch, mean ± std over seeds {', '.join(map(str, seeds))}; best per budget in bold."
+    )
+    return "\n".join(lines)
+
+
+def _cell(values: list[float] | None, best: float | None) -> str:
+    if not values:
+        return "–"
+    text = f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+    return f"**{text}**" if best is not None and np.isclose(np.mean(values), best) and len(values) else text
+
+
+def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
+    """Test top-1 per epoch, one panel per (data, budget), one line per method (mean over seeds)."""
+    plt = _pyplot()
+    panels = sorted({(r.data, r.budget_label) for r in runs if r.method not in ("full", "neq")})
+    panels = panels or sorted({(r.data, r.budget_label) for r in runs})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (data, budget) in zip(axes[0], panels):
+        for method in METHOD_ORDER:
+            curves = [
+                r.test_curve
+                for r in runs
+                if r.data == data and r.method == method and (r.budget_label == budget or method in ("full", "neq"))
+            ]
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot(range(n), 100 * np.mean([c[:n] for c in curves], axis=0), label=method, linestyle="--" if method == "full" else "-")
+        ax.set(title=f"{data}, budget {budget}", xlabel="epoch", ylabel="test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_heatmap(run: RunSummary, path: Path) -> Path:
+    """Fraction of each layer's neurons updated, per epoch (layers on the y axis, in graph order)."""
+    plt = _pyplot()
+    rd = RunDir(run.path)
+    epochs = sorted(int(p.stem.split("_")[1]) for p in rd.masks.glob("epoch_*.npz"))
+    first = rd.load_masks(epochs[0])
+    names = list(first)
+    grid = np.array([[rd.load_masks(e)[n].mean() for e in epochs] for n in names])
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(epochs) + 3), max(4, 0.12 * len(names) + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set(
+        title=f"{run.method} on {run.data}, budget {run.budget_label}, seed {run.seed}", xlabel="epoch", ylabel="conv layer (graph order)"
+    )
+    xstep = max(1, len(epochs) // 15)
+    ax.set_xticks(range(0, len(epochs), xstep), [str(e) for e in epochs[::xstep]])
+    step = max(1, len(names) // 26)
+    ax.set_yticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], fontsize=6)
+    fig.colorbar(image, ax=ax, label="fraction of neurons updated")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NeqError("plots need matplotlib: pip install matplotlib (or onnx-neq[report])") from None
+    return plt
+
+
+def write_report(run_paths: list[str | Path], out: str | Path) -> dict[str, Path]:
+    """results.csv, results.md, accuracy.png and a heatmap per velocity run group into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [summarize(p) for p in run_paths]
+    files = {"csv": out / "results.csv", "markdown": out / "results.md"}
+    files["csv"].write_text(results_csv(runs))
+    files["markdown"].write_text(results_markdown(runs) + "\n")
+    files["accuracy"] = plot_accuracy(runs, out / "accuracy.png")
+    for r in runs:
+        if r.method == "velocity" and r.seed == min(x.seed for x in runs):
+            slug = f"{r.data}-{r.budget_label}".replace(":", "_").replace("/", "_").replace("@", "_").replace("%", "pct")
+            files[f"heatmap {slug}"] = plot_layer_heatmap(r, out / f"heatmap-{slug}.png")
+    (out / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))
+    return files
