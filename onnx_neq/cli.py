@@ -176,6 +176,7 @@ def _classes(text: str | None) -> list[int] | None:
     help="Velocity recurrence: the authors' code, or the slides'.",
 )
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores).")
+@click.option("--train-limit", type=click.IntRange(min=2), default=None, help="Use a fixed stratified subset of N training images (before the validation split).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its stored settings.")
 def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
     """Fine-tune under a parameter budget; between epochs the selector rewrites the masks.
@@ -277,6 +278,7 @@ def eval_command(model, data, classes, split) -> None:
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--train-limit", type=click.IntRange(min=2), default=None, help="Fixed stratified subset of N training images per data set.")
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
     """Run selectors x budgets x seeds on each data set; write the paper-shaped table and plots."""
     from .compare import CompareConfig, compare

@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int = 0
     eval_batch_size: int = 256
     budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
+    train_limit: int | None = None  # use a fixed stratified subset of this many training images
 
     def validate(self) -> None:
         if self.selector not in SELECTORS:
@@ -135,7 +136,10 @@ def _load_data(config: TrainConfig, manifest: Manifest) -> _Data:
             f"{dataset.name} has {dataset.num_classes} classes but the model's head has {manifest.num_classes}; "
             f"re-run `onnx-neq prepare MODEL.onnx --num-classes {dataset.num_classes}`"
         )
-    train_split, val = split_validation(dataset.train, config.val_fraction, config.seed)
+    pool = dataset.train
+    if config.train_limit and config.train_limit < len(pool):
+        pool = split_validation(pool, config.train_limit / len(pool), seed=0)[1]  # the same subset for every seed
+    train_split, val = split_validation(pool, config.val_fraction, config.seed)
     if len(val) < 1 or len(train_split) < config.batch_size:
         raise NeqError(
             f"{dataset.name}: too few training images ({len(dataset.train)}) for a validation split and a batch of {config.batch_size}"
