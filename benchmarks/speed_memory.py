@@ -184,7 +184,9 @@ def main() -> None:
             if (arch, resolution) not in prepared:
                 prepared[(arch, resolution)] = prepare_case(arch, resolution, Path(tmp))
             weights, artifacts, masks = prepared[(arch, resolution)]
-            common = dict(arch=arch, batch=batch, resolution=resolution, steps=args.steps, warmup=args.warmup, threads=args.threads, masks=masks)
+            common = dict(
+                arch=arch, batch=batch, resolution=resolution, steps=args.steps, warmup=args.warmup, threads=args.threads, masks=masks
+            )
             ort = run_worker("ort", artifacts=artifacts, **common)
             pt = run_worker("torch", weights=weights, **common)
             rows.append({"arch": arch, "resolution": resolution, "batch": batch, "onnx_neq": ort, "pytorch": pt})
@@ -203,14 +205,16 @@ def markdown(rows: list[dict], epoch_images: int, threads: int) -> str:
         o, p = r["onnx_neq"], r["pytorch"]
         steps = -(-epoch_images // r["batch"])
 
-        def share(x):
+        def share(x, steps=steps):
             return x["selection_s"] / (x["selection_s"] + steps * x["ms_per_step"] / 1000)
 
         lines.append(
             f"| {r['arch']} | {r['resolution']} | {r['batch']} | {o['ms_per_step']:.1f} | {p['ms_per_step']:.1f} | {o['ms_per_step'] / p['ms_per_step']:.2f} "
             f"| {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / p['peak_rss_mib']:.2f} | {share(o):.2%} | {share(p):.2%} |"
         )
-    lines.append(f"\n{threads} threads each; an epoch = {epoch_images} training images; selection = taps of 10 images + phi + velocity + greedy selection.")
+    lines.append(
+        f"\n{threads} threads each; an epoch = {epoch_images} training images; selection = taps of 10 images + phi + velocity + greedy selection."
+    )
     return "\n".join(lines)
 
 

@@ -176,7 +176,12 @@ def _classes(text: str | None) -> list[int] | None:
     help="Velocity recurrence: the authors' code, or the slides'.",
 )
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores).")
-@click.option("--train-limit", type=click.IntRange(min=2), default=None, help="Use a fixed stratified subset of N training images (before the validation split).")
+@click.option(
+    "--train-limit",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Use a fixed stratified subset of N training images (before the validation split).",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its stored settings.")
 def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
     """Fine-tune under a parameter budget; between epochs the selector rewrites the masks.

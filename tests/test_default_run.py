@@ -1,0 +1,27 @@
+"""`onnx-neq train` with no arguments: the shipped model fine-tuned on digits (real data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+
+def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "onnx_neq.cli", "train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["config"]["selector"] == "velocity" and settings["config"]["data"] == "digits"
+    assert settings["budget"]["params"] == int(settings["budget"]["total"] * 0.308)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 30
+    assert all(int(r["updated_params"]) <= settings["budget"]["params"] for r in rows)
+    best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_top1"]), -i))
+    assert float(rows[best]["test_top1"]) >= 0.90
+    assert "test top-1" in result.stdout and (run / "model.onnx").exists()
