@@ -127,6 +127,28 @@ def _classes(text: str | None) -> list[int] | None:
     return parse_classes(text) if text else None
 
 
+def _recipe_options(command):
+    """Options of the training recipe, shared by train and compare."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
+        click.option(
+            "--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (warm-up from 0, then cosine, per iteration)."
+        ),
+        click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
+        click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True),
+        click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores)."),
+        click.option(
+            "--train-limit",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Use a fixed stratified subset of N training images (before the validation split).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("train")
 @click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -148,10 +170,6 @@ def _classes(text: str | None) -> list[int] | None:
     default=None,
     help="First-epoch selection, before any velocity [default: random; full for neq].",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (warm-up from 0, then cosine, per iteration).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--velocity-images",
@@ -175,14 +193,8 @@ def _classes(text: str | None) -> list[int] | None:
     show_default=True,
     help="Velocity recurrence: the authors' code, or the slides'.",
 )
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores).")
-@click.option(
-    "--train-limit",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Use a fixed stratified subset of N training images (before the validation split).",
-)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its stored settings.")
+@_recipe_options
 def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
     """Fine-tune under a parameter budget; between epochs the selector rewrites the masks.
 
@@ -278,12 +290,7 @@ def eval_command(model, data, classes, split) -> None:
 @click.option("--budget-ratios", default="0.088,0.212,0.308", show_default=True, help="Comma-separated budget fractions.")
 @click.option("--seeds", default="0,42,100", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for runs/ and report/.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--train-limit", type=click.IntRange(min=2), default=None, help="Fixed stratified subset of N training images per data set.")
+@_recipe_options
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
     """Run selectors x budgets x seeds on each data set; write the paper-shaped table and plots."""
     from .compare import CompareConfig, compare

@@ -19,6 +19,7 @@ from onnx_neq.session import TrainingSession
 from onnx_neq.train import TrainConfig, train
 
 TIMING = {"epoch_seconds", "selection_seconds"}
+DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]  # real data shaped like the tiny model: 8x8, 5 classes
 
 
 def _config(artifacts, out, **overrides) -> TrainConfig:
@@ -164,10 +165,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_artifacts, tmp_path):
     args = [
         "train",
         str(tiny_artifacts),
-        "--data",
-        "digits",
-        "--classes",
-        "0-4",
+        *DIGITS_0_4,
         "--epochs",
         "30",
         "--batch-size",
@@ -238,10 +236,7 @@ def test_budget_above_total_warns_and_trains_everything(tiny_artifacts, tmp_path
         _cli(
             "train",
             str(tiny_artifacts),
-            "--data",
-            "digits",
-            "--classes",
-            "0-4",
+            *DIGITS_0_4,
             "--epochs",
             "1",
             "--budget",

@@ -1,0 +1,94 @@
+"""ActivationRewritePass: ops without a gradient in ORT 1.19.2, as exact differentiable ops.
+
+HardSigmoid <alpha, beta> (x)  ->  Clip(alpha * x + beta, 0, 1)
+HardSwish (x)                  ->  x * Clip(x / 6 + 1/2, 0, 1)
+Softplus (x)                   ->  Relu(x) + Log(1 + Exp(-Abs(x)))              (stable for large |x|)
+Elu <alpha> (x)                ->  Relu(x) + alpha * (Exp(-Relu(-x)) - 1)        (no Exp overflow)
+GlobalMaxPool (x)              ->  ReduceMax <axes = spatial, keepdims = 1> (x)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+class ActivationRewritePass(ir.passes.InPlacePass):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewritten: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for node in list(graph):
+            build = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if build is None:
+                continue
+            rewriter = _Builder(graph, node)
+            out = build(rewriter, node)
+            rewriter.finish(out)
+            self.rewritten[node.op_type] = self.rewritten.get(node.op_type, 0) + 1
+        return ir.passes.PassResult(model, modified=bool(self.rewritten))
+
+
+class _Builder:
+    """Creates the replacement nodes before `node`, then hands its output over."""
+
+    def __init__(self, graph: ir.Graph, node: ir.Node):
+        self.graph, self.node, self.nodes, self.n = graph, node, [], 0
+        self.prefix = node.name or node.outputs[0].name
+
+    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        self.n += 1
+        n = ir.node(op_type, list(inputs), attributes=attributes or None, name=f"{self.prefix}.{op_type.lower()}{self.n}")
+        n.outputs[0].name = n.name
+        self.nodes.append(n)
+        return n.outputs[0]
+
+    def const(self, value: float) -> ir.Value:
+        self.n += 1
+        name = f"{self.prefix}.c{self.n}"
+        array = np.array(value, np.float32)
+        v = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
+        self.graph.register_initializer(v)
+        return v
+
+    def finish(self, out: ir.Value) -> None:
+        self.graph.insert_before(self.node, self.nodes)
+        old = self.node.outputs[0]
+        name, old.name = old.name, old.name + ".replaced"
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        out.name, out.type, out.shape = name, old.type, old.shape
+        self.graph.remove(self.node, safe=True)
+
+
+def _hard_sigmoid(b: _Builder, x: ir.Value, alpha: float, beta: float) -> ir.Value:
+    return b.op("Clip", b.op("Add", b.op("Mul", x, b.const(alpha)), b.const(beta)), b.const(0.0), b.const(1.0))
+
+
+def _softplus(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    tail = b.op("Log", b.op("Add", b.op("Exp", b.op("Neg", b.op("Abs", x))), b.const(1.0)))
+    return b.op("Add", b.op("Relu", x), tail)
+
+
+def _elu(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    alpha = node.attributes.get_float("alpha", 1.0)
+    negative = b.op("Sub", b.op("Exp", b.op("Neg", b.op("Relu", b.op("Neg", x)))), b.const(1.0))
+    return b.op("Add", b.op("Relu", x), b.op("Mul", negative, b.const(alpha)))
+
+
+def _global_max_pool(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    rank = x.shape.rank() if x.shape is not None else 4
+    return b.op("ReduceMax", x, keepdims=1, axes=list(range(2, rank)))
+
+
+_REWRITES = {
+    "HardSigmoid": lambda b, n: _hard_sigmoid(b, n.inputs[0], n.attributes.get_float("alpha", 0.2), n.attributes.get_float("beta", 0.5)),
+    "HardSwish": lambda b, n: b.op("Mul", n.inputs[0], _hard_sigmoid(b, n.inputs[0], 1 / 6, 0.5)),
+    "Softplus": _softplus,
+    "Elu": _elu,
+    "GlobalMaxPool": _global_max_pool,
+}
