@@ -94,12 +94,15 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
 @click.option("--std", default=None, help="Override the input normalization std (comma-separated).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Replace the classifier head with a fresh one of N classes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new head's initialization.")
-def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed) -> None:
+@click.option("--input-shape", default=None, help="N,C,H,W to fix dynamic input dims (the batch stays dynamic), e.g. 1,3,224,224.")
+def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed, input_shape) -> None:
     """Make ORT training artifacts with per-channel gradient masks, activation taps and a manifest."""
     from .prepare import prepare as run_prepare
     from .summary import manifest_summary, prepare_changes
 
-    report = run_prepare(model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay, num_classes, seed)
+    report = run_prepare(
+        model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay, num_classes, seed, _ints(input_shape)
+    )
     click.echo(manifest_summary(report.manifest))
     click.echo(prepare_changes(report))
     click.echo(f"\nwrote {out_dir}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json")
@@ -332,6 +335,15 @@ def report_command(runs, out) -> None:
     files = write_report(list(runs), out)
     click.echo(files["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise NeqError(f"--input-shape takes comma-separated integers such as 1,3,224,224, not {text!r}") from None
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

@@ -21,6 +21,8 @@ Fields (all counts are numbers of scalar parameters unless said otherwise):
                            out_channels, in_channels, groups, kernel, neuron_cost, mask_input,
                            tap_output}
   files                    {training_model, eval_model, optimizer_model, checkpoint}
+  output_activation        {op, axis, output} of a Softmax/LogSoftmax removed from the source model's
+                           output (null if none); inference models get it back
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Manifest:
     layers: list[Layer]
     files: dict[str, str] = field(default_factory=dict)
     weight_decay: float = 0.0
+    output_activation: dict | None = None
     format: str = FORMAT
     version: int = VERSION
 

@@ -16,6 +16,7 @@ from .conv_layers import ConvLayer, find_conv_layers
 from .errors import NeqError
 from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
 from .model_io import load_model
+from .normalize import NormalizeReport, convert_opset, normalize
 from .parameters import ParameterGroups, group_parameters
 from .passes.batchnorm_affine import BatchNormAffinePass
 from .passes.classifier_head import ClassifierHeadPass
@@ -35,6 +36,7 @@ class PrepareReport:
     frozen_bn_rewritten: int
     dropout_removed: int
     head_replaced: tuple[int, int] | None
+    normalized: NormalizeReport
 
 
 def prepare(
@@ -46,11 +48,14 @@ def prepare(
     weight_decay: float | None = None,
     num_classes: int | None = None,
     seed: int = 0,
+    input_shape: list[int] | None = None,
 ) -> PrepareReport:
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
     model_path, out_dir = Path(model_path), Path(out_dir)
-    proto = load_model(model_path)
+    normalized = NormalizeReport()
+    proto = convert_opset(load_model(model_path), normalized)
     model = ir.serde.deserialize_model(proto)
+    normalize(model, normalized, input_shape)
     head = ClassifierHeadPass(num_classes, seed) if num_classes else None
     dropout = DropoutRemovalPass()
     ir.passes.Sequential(*filter(None, [head, dropout]))(model)
@@ -70,11 +75,14 @@ def prepare(
         report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay)
         manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers)
         manifest.weight_decay = weight_decay
+        manifest.output_activation = normalized.output_activation
         write_manifest(manifest, staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return PrepareReport(manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten), dropout.removed, head.replaced if head else None)
+    return PrepareReport(
+        manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten), dropout.removed, head.replaced if head else None, normalized
+    )
 
 
 def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSpec, str, int]:

@@ -108,6 +108,12 @@ class TrainingSession:
         """Write an inference model (current weights, logits only, no masks or taps)."""
         with captured_native_stderr():
             self.module.export_model_for_inferencing(os.fspath(path), [self.manifest.logits_output])
+        if self.manifest.output_activation:
+            import onnx
+
+            from .passes.output_activation import append_output_activation
+
+            onnx.save(append_output_activation(onnx.load(os.fspath(path)), self.manifest.output_activation), os.fspath(path))
 
 
 def _f32(x: np.ndarray) -> np.ndarray:

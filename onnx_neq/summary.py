@@ -46,7 +46,7 @@ def manifest_summary(m: Manifest) -> str:
 
 def prepare_changes(report) -> str:
     """What prepare changed in the graph, one line each."""
-    lines = []
+    lines = list(report.normalized.lines())
     if report.head_replaced:
         lines.append(f"head       replaced: {report.head_replaced[0]} -> {report.head_replaced[1]} classes, freshly initialized")
     if report.dropout_removed:

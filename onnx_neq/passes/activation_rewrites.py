@@ -5,6 +5,9 @@ HardSwish (x)                  ->  x * Clip(x / 6 + 1/2, 0, 1)
 Softplus (x)                   ->  Relu(x) + Log(1 + Exp(-Abs(x)))              (stable for large |x|)
 Elu <alpha> (x)                ->  Relu(x) + alpha * (Exp(-Relu(-x)) - 1)        (no Exp overflow)
 GlobalMaxPool (x)              ->  ReduceMax <axes = spatial, keepdims = 1> (x)
+Sum (a, b, c, ...)             ->  Add(Add(a, b), c) ...
+LRN <size, alpha, beta, bias>  ->  x / (bias + alpha * AvgPool3d(Unsqueeze(x^2), (size, 1, 1)))^beta
+                                   (the channel-window sum as a zero-padded average pool times size)
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ class _Builder:
         self.graph.register_initializer(v)
         return v
 
+    def const_ints(self, values: list[int]) -> ir.Value:
+        self.n += 1
+        name = f"{self.prefix}.c{self.n}"
+        array = np.array(values, np.int64)
+        v = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape))
+        self.graph.register_initializer(v)
+        return v
+
     def finish(self, out: ir.Value) -> None:
         self.graph.insert_before(self.node, self.nodes)
         old = self.node.outputs[0]
@@ -85,10 +96,36 @@ def _global_max_pool(b: _Builder, node: ir.Node) -> ir.Value:
     return b.op("ReduceMax", x, keepdims=1, axes=list(range(2, rank)))
 
 
+def _sum(b: _Builder, node: ir.Node) -> ir.Value:
+    total = node.inputs[0]
+    for other in node.inputs[1:]:
+        total = b.op("Add", total, other)
+    return total if len(node.inputs) > 1 else b.op("Identity", total)
+
+
+def _lrn(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    size = node.attributes.get_int("size", 1)
+    alpha, beta, bias = (node.attributes.get_float(k, d) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    begin, end = (size - 1) // 2, size // 2
+    axis = b.const_ints([1])
+    window = b.op(
+        "AveragePool",
+        b.op("Unsqueeze", b.op("Mul", x, x), axis),
+        kernel_shape=[size, 1, 1],
+        pads=[begin, 0, 0, end, 0, 0],
+        count_include_pad=1,
+    )
+    scale = b.op("Pow", b.op("Add", b.op("Mul", b.op("Squeeze", window, axis), b.const(alpha)), b.const(bias)), b.const(beta))
+    return b.op("Div", x, scale)
+
+
 _REWRITES = {
     "HardSigmoid": lambda b, n: _hard_sigmoid(b, n.inputs[0], n.attributes.get_float("alpha", 0.2), n.attributes.get_float("beta", 0.5)),
     "HardSwish": lambda b, n: b.op("Mul", n.inputs[0], _hard_sigmoid(b, n.inputs[0], 1 / 6, 0.5)),
     "Softplus": _softplus,
     "Elu": _elu,
     "GlobalMaxPool": _global_max_pool,
+    "Sum": _sum,
+    "LRN": _lrn,
 }

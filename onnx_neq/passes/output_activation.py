@@ -1,6 +1,7 @@
 """OutputActivationPass: the loss takes logits, so a Softmax / LogSoftmax at the output goes.
 
 Before:  probs = Softmax <axis = a> (logits)      probs is the graph output
+         (or, after onnx's opset converter: probs = Reshape(Softmax(Flatten(x)), Shape(x)))
 After:   logits is the graph output; the removed op and axis are reported (the manifest keeps
          them and the inference model gets the op back: `append_output_activation`)
 """
@@ -21,18 +22,36 @@ class OutputActivationPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         out = graph.outputs[0]
-        node = out.producer()
-        if node is None or node.op_type not in ACTIVATIONS or len(out.uses()) > 0:
+        nodes = _activation_nodes(out)
+        if not nodes or len(out.uses()) > 0:
             return ir.passes.PassResult(model, modified=False)
-        logits = node.inputs[0]
-        self.removed = {"op": node.op_type, "axis": node.attributes.get_int("axis", -1), "output": out.name}
+        activation = nodes[0]
+        logits = activation.inputs[0]
         if logits.is_graph_input() or logits.is_initializer():
             return ir.passes.PassResult(model, modified=False)
-        logits.shape = logits.shape or out.shape
+        self.removed = {"op": activation.op_type, "axis": activation.attributes.get_int("axis", -1), "output": out.name}
         logits.type = logits.type or out.type
         graph.outputs[0] = logits
-        graph.remove(node, safe=True)
+        for node in reversed(nodes):
+            graph.remove(node, safe=True)
+        for node in list(graph):  # a Shape feeding only the removed Reshape
+            if node.op_type == "Shape" and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+                graph.remove(node, safe=True)
         return ir.passes.PassResult(model, modified=True)
+
+
+def _activation_nodes(out: ir.Value) -> list[ir.Node]:
+    """[Softmax] or [Softmax, Reshape] (the version converter's Flatten-Softmax-Reshape)."""
+    node = out.producer()
+    if node is not None and node.op_type in ACTIVATIONS:
+        return [node]
+    if node is not None and node.op_type == "Reshape":
+        inner = node.inputs[0].producer()
+        if inner is not None and inner.op_type in ACTIVATIONS and len(node.inputs[0].uses()) == 1:
+            flat = inner.inputs[0].producer()
+            if flat is not None and flat.op_type == "Flatten":
+                return [inner, node]
+    return []
 
 
 def append_output_activation(model: onnx.ModelProto, removed: dict) -> onnx.ModelProto:
