@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .conv_layers import ConvLayer
 from .errors import NeqError
 from .ort_runtime import artifacts_module, captured_native_stderr
 from .parameters import ParameterGroups
+from .passes.activation_rewrites import REWRITTEN_OPS
 from .passes.activation_taps import ActivationTapPass
 from .passes.batchnorm_inference import BatchNormInferencePass
 from .passes.gradient_masks import GradientMaskPass
@@ -74,9 +76,19 @@ def _optimizer_block(optimizer: str, weight_decay: float):
 
 
 def _generate_ort_artifacts(model: onnx.ModelProto, groups: ParameterGroups, optim, directory: Path, logits: str) -> None:
-    art = artifacts_module()
     directory.mkdir(parents=True, exist_ok=True)
-    with captured_native_stderr() as native_log:
+    error = _try_generate(model, groups, optim, directory, logits)
+    if error is None:
+        return
+    if _no_gradient_op(error) is None:
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else error.__class__.__name__
+        raise NeqError(f"onnxruntime-training could not build the training graph: {first[:300]}")
+    raise NeqError(_untrainable_message(_untrainable_ops(model, groups, optim, logits, error)))
+
+
+def _try_generate(model: onnx.ModelProto, groups: ParameterGroups, optim, directory: Path, logits: str) -> RuntimeError | None:
+    art = artifacts_module()
+    with captured_native_stderr():
         try:
             art.generate_artifacts(
                 model,
@@ -88,29 +100,48 @@ def _generate_ort_artifacts(model: onnx.ModelProto, groups: ParameterGroups, opt
                 additional_output_names=[logits],
             )
         except RuntimeError as exc:
-            error = exc
-        else:
-            error = None
-    if error is not None:
-        raise _explain(error, model) from None
-    log.debug("ORT artifact generation log: %d characters", len(native_log[0]))
+            return exc
+    return None
 
 
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node")
+_MAX_ROUNDS = 6
 
 
-def _explain(error: RuntimeError, model: onnx.ModelProto) -> NeqError:
-    text = str(error)
-    match = _NO_GRADIENT.search(text)
-    if match:
-        op = match.group(1)
-        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+def _no_gradient_op(error: RuntimeError) -> str | None:
+    match = _NO_GRADIENT.search(str(error))
+    return match.group(1) if match else None
+
+
+def _untrainable_ops(model: onnx.ModelProto, groups, optim, logits: str, error: RuntimeError) -> dict[str, list[str]]:
+    """Every op type ORT cannot differentiate, with its nodes: ORT names one op per attempt, so each
+    found op is stood in for by Identity in a scratch copy and the gradient build tried again."""
+    found: dict[str, list[str]] = {}
+    scratch = onnx.ModelProto()
+    scratch.CopyFrom(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(_MAX_ROUNDS):
+            op = _no_gradient_op(error) if error is not None else None
+            if op is None or op in found:
+                break
+            found[op] = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+            for node in scratch.graph.node:
+                if node.op_type == op and node.input:
+                    node.op_type, node.domain = "Identity", ""
+                    del node.input[1:], node.output[1:], node.attribute[:]
+            error = _try_generate(scratch, groups, optim, Path(tmp), logits)
+    return found
+
+
+def _untrainable_message(found: dict[str, list[str]]) -> str:
+    parts = []
+    for op, nodes in found.items():
         shown = ", ".join(f"'{n}'" for n in nodes[:8]) + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")
-        return NeqError(
-            f"op {op} has no gradient in onnxruntime-training 1.19.2 (nodes {shown}); replace it with differentiable ops in the source model before exporting"
-        )
-    first = text.strip().splitlines()[-1] if text.strip() else error.__class__.__name__
-    return NeqError(f"onnxruntime-training could not build the training graph: {first[:300]}")
+        parts.append(f"{op} (nodes {shown})")
+    return (
+        f"ops with no gradient in onnxruntime-training 1.19.2: {'; '.join(parts)}; replace them with differentiable ops "
+        f"in the source model before exporting (prepare rewrites {', '.join(REWRITTEN_OPS)} itself)"
+    )
 
 
 def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> ir.Model:

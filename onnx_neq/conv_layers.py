@@ -43,9 +43,29 @@ class ConvLayer:
         return self.out_channels * self.neuron_cost
 
 
+_HEAD_PATH = {"Identity", "Flatten", "Reshape", "Squeeze", "GlobalAveragePool", "AveragePool", "ReduceMean", "Relu"}
+
+
+def find_head_conv(model: ir.Model) -> ir.Node | None:
+    """A 1x1 Conv that is the classifier (SqueezeNet-style: Conv 1x1 -> [Relu] -> pool -> output)."""
+    value = model.graph.outputs[0]
+    while value.producer() is not None and value.producer().op_type in _HEAD_PATH:
+        value = value.producer().inputs[0]
+    node = value.producer()
+    if node is None or node.op_type != "Conv":
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or tuple(weight.const_value.shape[2:]) != (1, 1):
+        return None
+    return node
+
+
 def find_conv_layers(model: ir.Model) -> list[ConvLayer]:
-    """Every Conv of the main graph, in graph order, as a layer of selectable neurons."""
-    layers = [_layer(node) for node in model.graph if node.op_type == "Conv" and node.domain in ("", "ai.onnx")]
+    """Every Conv of the main graph, in graph order, as a layer of selectable neurons; a 1x1 Conv
+    classifier head is not one (it is the classifier: always trained, never budgeted)."""
+    head = find_head_conv(model)
+    convs = [n for n in model.graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx") and n is not head]
+    layers = [_layer(node) for node in convs]
     _check_unique(layers)
     return layers
 

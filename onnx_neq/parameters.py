@@ -2,7 +2,7 @@
 
 selectable: Conv weights and biases (masked per output channel)
 bn: BatchNormalization scale and bias (always trained, not counted against the budget)
-classifier: Gemm / MatMul weights and the bias added after them (always trained)
+classifier: Gemm / MatMul weights and the bias added after them, or a 1x1 Conv head (always trained)
 other: any other float parameter of a differentiable op (PRelu slopes, norm scales)
 frozen: BatchNorm running statistics and every remaining float initializer
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .conv_layers import ConvLayer
+from .conv_layers import ConvLayer, find_head_conv
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 _TRAINABLE_SLOTS = {
@@ -59,6 +59,9 @@ def group_parameters(model: ir.Model, layers: list[ConvLayer]) -> ParameterGroup
         take(groups.selectable, graph.initializers[layer.weight])
         if layer.bias:
             take(groups.selectable, graph.initializers[layer.bias])
+    head = find_head_conv(model)
+    for value in head.inputs[1:3] if head is not None else []:
+        take(groups.classifier, value)
     for node in graph:
         for value in _slots(node, "bn"):
             take(groups.bn, value)

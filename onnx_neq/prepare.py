@@ -96,6 +96,10 @@ def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSp
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise NeqError(f"{path}: input '{inputs[0].name}' has rank {len(dims)}; expected an NCHW image batch")
+    if any(d is None for d in dims[1:]):
+        raise NeqError(
+            f"{path}: input '{inputs[0].name}' has dynamic dims {['?' if d is None else d for d in dims]}; pass --input-shape 1,3,H,W (the batch stays dynamic)"
+        )
     out_dims = out.type.tensor_type.shape.dim
     num_classes = out_dims[-1].dim_value if out_dims and out_dims[-1].HasField("dim_value") else 0
     if num_classes <= 1:

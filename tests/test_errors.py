@@ -89,13 +89,21 @@ def test_model_without_conv(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("op", ["HardSigmoid", "Softplus"])
+@pytest.mark.parametrize("op", ["Sign", "Round"])
 def test_op_without_gradient_names_nodes_and_op(op, tmp_path):
     path = _save(_conv_then(op), tmp_path / "nograd.onnx")
     result = _run("prepare", str(path), "-o", str(tmp_path / "a"))
     _assert_one_line_error(result, op, "'act0'", "'act1'", "no gradient")
     assert not (tmp_path / "a").exists()
     assert not list(tmp_path.glob(".a.partial*"))
+
+
+def test_every_untrainable_op_is_named(tmp_path):
+    """Two different ops without a gradient: one error line names both, with their nodes."""
+    model = _conv_then("Sign")
+    model.graph.node[3].op_type = "Round"  # act1
+    path = _save(model, tmp_path / "two.onnx")
+    _assert_one_line_error(_run("prepare", str(path), "-o", str(tmp_path / "a")), "Sign (nodes 'act0')", "Round (nodes 'act1')")
 
 
 def test_prepare_refuses_to_overwrite_a_foreign_directory(tiny_onnx, tmp_path):

@@ -129,3 +129,5 @@ _REWRITES = {
     "Sum": _sum,
     "LRN": _lrn,
 }
+
+REWRITTEN_OPS = tuple(_REWRITES)

@@ -1,7 +1,8 @@
 """ClassifierHeadPass: a freshly initialized classifier head with N outputs.
 
-Before:  logits = Gemm(features, W[K, F], b[K])         (or MatMul(features, W[F, K]) + b[K])
-After:   logits = Gemm(features, W'[N, F], b'[N])       W', b' ~ U(-1/sqrt(F), 1/sqrt(F)), as torch.nn.Linear
+Before:  logits = Gemm(features, W[K, F], b[K])         (or MatMul(features, W[F, K]) + b[K],
+                                                         or a 1x1 Conv head W[K, F, 1, 1], b[K])
+After:   the same op with W'[N, F(, 1, 1)], b'[N]       W', b' ~ U(-1/sqrt(F), 1/sqrt(F)), as torch.nn.Linear
 
 The head is the Gemm/MatMul that the first graph output is computed from, possibly through
 shape-only ops (Identity, Flatten, Reshape, Squeeze). Its initializers are replaced in place.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..conv_layers import find_head_conv
 from ..errors import NeqError
 
 _PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze"}
@@ -25,17 +27,16 @@ class ClassifierHeadPass(ir.passes.InPlacePass):
         self.replaced: tuple[int, int] | None = None  # (old classes, new classes)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        node = _head(model.graph)
+        conv = find_head_conv(model)
+        node = conv if conv is not None else _head(model.graph)
         weight, bias, transposed = _weight_and_bias(node)
         w = weight.const_value.numpy()
         features, old = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         bound = 1.0 / np.sqrt(features)
         new_w = self.rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
-        _replace(weight, new_w if transposed else new_w.T.copy())
+        _replace(weight, new_w.reshape(self.num_classes, features, *w.shape[2:]) if transposed else new_w.T.copy())
         _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
-        for out in model.graph.outputs[:1]:
-            if out.shape is not None and out.shape.rank():
-                out.shape = ir.Shape([*out.shape[:-1], self.num_classes])
+        _set_class_dim(node.outputs[0], self.num_classes)
         self.replaced = (old, self.num_classes)
         return ir.passes.PassResult(model, modified=True)
 
@@ -54,7 +55,9 @@ def _head(graph: ir.Graph) -> ir.Node:
 
 
 def _weight_and_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, bool]:
-    if node.op_type == "Add":
+    if node.op_type == "Conv":
+        weight, bias, transposed = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None, True
+    elif node.op_type == "Add":
         matmul = node.inputs[0].producer()
         weight, bias, transposed = matmul.inputs[1], node.inputs[1], False
     else:
@@ -65,6 +68,20 @@ def _weight_and_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, bool]:
     if weight is None or weight.const_value is None or bias is None or bias.const_value is None:
         raise NeqError(f"--num-classes: the head '{node.name}' needs an initializer weight and bias")
     return weight, bias, transposed
+
+
+def _set_class_dim(start: ir.Value, classes: int) -> None:
+    """The head's output and everything computed from it carry the class count in dim 1."""
+    todo, seen = [start], set()
+    while todo:
+        value = todo.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.shape is not None and value.shape.rank() >= 2:
+            value.shape = ir.Shape([value.shape[0], classes, *value.shape[2:]])
+        for consumer, _ in value.uses():
+            todo.extend(consumer.outputs)
 
 
 def _replace(value: ir.Value, array: np.ndarray) -> None:

@@ -1,0 +1,166 @@
+"""prepare on ONNX files nobody here exported: onnx's test zoo, Constant weights + Softmax output,
+a MobileNetV3-style block; and every rewrite against the original op in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_neq.ort_runtime import inference_session
+from onnx_neq.prepare import prepare
+from onnx_neq.session import TrainingSession
+
+ZOO = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
+
+
+def test_the_zoo_is_there():
+    assert {p.stem[6:] for p in ZOO} >= {
+        "bvlc_alexnet",
+        "densenet121",
+        "inception_v1",
+        "inception_v2",
+        "resnet50",
+        "shufflenet",
+        "squeezenet",
+        "vgg19",
+        "zfnet512",
+    }
+
+
+@pytest.mark.parametrize("path", ZOO, ids=lambda p: p.stem[6:])
+def test_zoo_model_prepares_and_trains_a_step(path, tmp_path):
+    source = onnx.load(str(path))
+    convs = sum(n.op_type == "Conv" for n in source.graph.node)
+    # SqueezeNet's classifier is its 1x1 conv10, Caffe2's DenseNet-121's the 1x1 conv fc6 after pooling:
+    # classifiers, not neuron layers
+    head_conv = path.stem in ("light_squeezenet", "light_densenet121")
+    manifest = prepare(path, tmp_path / "art").manifest
+    assert len(manifest.layers) == convs - head_conv and manifest.num_classes == 1000
+    session = TrainingSession(tmp_path / "art")
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    loss, logits = session.train_step(x, np.array([7]), 0.01)
+    assert np.isfinite(loss) and logits.shape == (1, 1000)
+    assert len(session.eval_batch(x)[1]) == convs - head_conv
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=17):
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    model.ir_version = 8
+    return model
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name))
+
+
+def test_constant_weights_and_softmax_output(tmp_path, rng):
+    """Paddle/TF style: weights in Constant nodes, probabilities at the output."""
+    w, b = rng.standard_normal((6, 3, 3, 3)) * 0.3, rng.standard_normal(6) * 0.1
+    fc, fb = rng.standard_normal((4, 6)) * 0.3, rng.standard_normal(4) * 0.1
+    nodes = [
+        _constant("w", w),
+        _constant("b", b),
+        _constant("fc", fc),
+        _constant("fb", fb),
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    model = _graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(model, str(tmp_path / "paddle_like.onnx"))
+    report = prepare(tmp_path / "paddle_like.onnx", tmp_path / "art")
+    assert [l.weight for l in report.manifest.layers] == ["w"] and report.manifest.output_activation["op"] == "Softmax"
+    session = TrainingSession(tmp_path / "art")
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    session.export_inference(tmp_path / "start.onnx")
+    original = inference_session(model).run(None, {"x": x})[0]
+    exported = inference_session(tmp_path / "start.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(exported, original, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exported.sum(axis=1), 1.0, rtol=1e-5)
+    loss, _ = session.train_step(x, np.array([0, 1, 2]), 0.1)
+    assert np.isfinite(loss) and not np.array_equal(session.parameter("w"), w.astype(np.float32))
+
+
+def test_mobilenet_v3_block_with_hardswish_and_squeeze_excitation(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+            self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+            self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+            self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.dw(self.expand(x))
+            s = nn.functional.hardsigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+            return self.fc(self.project(x * s).mean((2, 3)))
+
+    from onnx_neq.export import export_module
+
+    export_module(Block(), tmp_path / "v3.onnx", resolution=8)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "v3.onnx")).graph.node}
+    assert {"HardSwish", "HardSigmoid"} <= ops
+    report = prepare(tmp_path / "v3.onnx", tmp_path / "art")
+    assert report.normalized.rewritten["HardSwish"] == 2 and report.normalized.rewritten["HardSigmoid"] == 1
+    assert [l.kind for l in report.manifest.layers] == ["conv", "depthwise", "conv", "conv", "conv"]
+    session = TrainingSession(tmp_path / "art")
+    before = session.parameter("se_reduce.weight").copy()
+    for _ in range(2):
+        loss, _ = session.train_step(rng.standard_normal((4, 3, 8, 8)).astype(np.float32), np.array([0, 1, 2, 0]), 0.1)
+    assert np.isfinite(loss) and not np.array_equal(session.parameter("se_reduce.weight"), before)
+
+
+REWRITE_CASES = {
+    "HardSigmoid": (dict(alpha=0.3, beta=0.4), 1),
+    "HardSwish": ({}, 1),
+    "Softplus": ({}, 1),
+    "Elu": (dict(alpha=0.7), 1),
+    "GlobalMaxPool": ({}, 1),
+    "Sum": ({}, 3),
+    "LRN": (dict(size=3, alpha=1e-3, beta=0.75, bias=2.0), 1),
+}
+
+
+@pytest.mark.parametrize("op", list(REWRITE_CASES))
+def test_rewrite_equals_the_original_op(op, rng):
+    """Each rewrite against the original op, both run in onnxruntime, on values spanning both tails."""
+    import onnx_ir as ir
+
+    from onnx_neq.passes.activation_rewrites import ActivationRewritePass
+
+    attrs, arity = REWRITE_CASES[op]
+    names = [f"x{i}" for i in range(arity)]
+    out_shape = ["N", 6, 1, 1] if op == "GlobalMaxPool" else ["N", 6, 5, 5]
+    model = _graph(
+        [helper.make_node(op, names, ["y"], **attrs)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 6, 5, 5]) for n in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+    )
+    rewritten = ir.serde.deserialize_model(model)
+    rewrite = ActivationRewritePass()
+    rewrite(rewritten)
+    proto = ir.serde.serialize_model(rewritten)
+    assert op not in {n.op_type for n in proto.graph.node} and rewrite.rewritten == {op: 1}
+    onnx.checker.check_model(proto, full_check=True)
+    feeds = {n: (rng.standard_normal((2, 6, 5, 5)) * 30).astype(np.float32) for n in names}
+    feeds[names[0]][0, 0, 0, :3] = [0.0, 80.0, -80.0]  # Softplus/Elu where a naive form overflows
+    expected = inference_session(model).run(None, feeds)[0]
+    actual = inference_session(proto).run(None, feeds)[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
