@@ -164,3 +164,67 @@ def test_rewrite_equals_the_original_op(op, rng):
     expected = inference_session(model).run(None, feeds)[0]
     actual = inference_session(proto).run(None, feeds)[0]
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _dynamic_conv_model(rng, opset: int, matmul_head: bool) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+    ]
+    if matmul_head:
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fw"),
+            numpy_helper.from_array(np.zeros(5, np.float32), "fb"),
+        ]
+        nodes += [helper.make_node("MatMul", ["f", "fw"], ["m"]), helper.make_node("Add", ["m", "fb"], ["y"])]
+    else:
+        inits += [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fw")]
+        nodes += [helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1)]
+    model = _graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+        opset=opset,
+    )
+    model.ir_version = 11 if opset >= 22 else 8
+    return model
+
+
+def test_newer_opset_and_dynamic_dims(tmp_path, rng):
+    from onnx_neq.errors import NeqError
+
+    path = tmp_path / "new.onnx"
+    onnx.save(_dynamic_conv_model(rng, opset=22, matmul_head=False), str(path))
+    with pytest.raises(NeqError, match="--input-shape"):
+        prepare(path, tmp_path / "art")
+    report = prepare(path, tmp_path / "art", input_shape=[1, 3, 12, 12])
+    assert report.normalized.opset == (22, 17) and report.manifest.input.shape == [None, 3, 12, 12]
+    training = onnx.load(str(tmp_path / "art" / "training_model.onnx"))
+    assert training.ir_version <= 10 and training.opset_import[0].version == 17
+    session = TrainingSession(tmp_path / "art")
+    loss, _ = session.train_step(rng.standard_normal((3, 3, 12, 12)).astype(np.float32), np.array([0, 1, 4]), 0.1)
+    assert np.isfinite(loss)  # batch 3 although the fixed shape said 1: the batch stays dynamic
+
+
+def test_num_classes_replaces_matmul_add_and_conv_heads(tmp_path, rng):
+    path = tmp_path / "mm.onnx"
+    onnx.save(_dynamic_conv_model(rng, opset=17, matmul_head=True), str(path))
+    manifest = prepare(path, tmp_path / "mm", input_shape=[1, 3, 8, 8], num_classes=9).manifest
+    assert manifest.num_classes == 9 and manifest.classifier_params == 4 * 9 + 9
+    logits = TrainingSession(tmp_path / "mm").eval_logits(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    assert logits.shape == (2, 9)
+
+    squeezenet = next(p for p in ZOO if p.stem == "light_squeezenet")
+    manifest = prepare(squeezenet, tmp_path / "sq", num_classes=7).manifest
+    assert manifest.num_classes == 7 and manifest.classifier_params == 512 * 7 + 7  # conv10: 1x1, 512 -> 7, with bias
+    session = TrainingSession(tmp_path / "sq")
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    loss, logits = session.train_step(x, np.array([6]), 0.01)
+    assert logits.shape == (1, 7) and np.isfinite(loss)
+    session.export_inference(tmp_path / "sq.onnx")  # the Softmax comes back, over 7 classes
+    probs = inference_session(tmp_path / "sq.onnx").run(None, {session.manifest.input.name: x})[0]
+    np.testing.assert_allclose(probs.reshape(-1).sum(), 1.0, rtol=1e-5)

@@ -36,7 +36,8 @@ class ClassifierHeadPass(ir.passes.InPlacePass):
         new_w = self.rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
         _replace(weight, new_w.reshape(self.num_classes, features, *w.shape[2:]) if transposed else new_w.T.copy())
         _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
-        _set_class_dim(node.outputs[0], self.num_classes)
+        first = node.inputs[0].producer() if node.op_type == "Add" else node  # MatMul + Add: from the MatMul on
+        _set_class_dim(first.outputs[0], self.num_classes)
         self.replaced = (old, self.num_classes)
         return ir.passes.PassResult(model, modified=True)
 
