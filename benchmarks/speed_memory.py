@@ -34,11 +34,7 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def _flat_masks(masks: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
-    return np.concatenate([masks[n] for n in names])
-
-
-def _select(phi_prev, taps, taps_prev, names, costs, budget, state):
+def _select(taps, taps_prev, names, costs, budget, state):
     from onnx_neq.selectors import select_velocity
     from onnx_neq.velocity import layer_phi
 
@@ -70,7 +66,7 @@ def worker_ort(args) -> dict:
     state = VelocityState(len(costs))
     start = time.perf_counter()
     taps = session.eval_batch(vset)[1]
-    _select(None, taps, prev, names, costs, int(costs.sum() * 0.308), state)
+    _select(taps, prev, names, costs, int(costs.sum() * 0.308), state)
     selection = time.perf_counter() - start
     return {"ms_per_step": 1000 * float(np.median(times)), "selection_s": selection, "peak_rss_mib": _peak_rss_mib()}
 
@@ -120,7 +116,7 @@ def worker_torch(args) -> dict:
     prev = taps()
     state = VelocityState(len(costs))
     start = time.perf_counter()
-    _select(None, taps(), prev, names, costs, int(costs.sum() * 0.308), state)
+    _select(taps(), prev, names, costs, int(costs.sum() * 0.308), state)
     selection = time.perf_counter() - start
     return {"ms_per_step": 1000 * float(np.median(times)), "selection_s": selection, "peak_rss_mib": _peak_rss_mib()}
 

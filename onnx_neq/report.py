@@ -141,7 +141,7 @@ def _cell(values: list[float] | None, best: float | None) -> str:
     if not values:
         return "–"
     text = f"{np.mean(values):.2f} ± {np.std(values):.2f}"
-    return f"**{text}**" if best is not None and np.isclose(np.mean(values), best) and len(values) else text
+    return f"**{text}**" if best is not None and np.isclose(np.mean(values), best) else text
 
 
 def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:

@@ -79,11 +79,6 @@ class TrainConfig:
 
 
 @dataclass
-class EpochReport:
-    row: dict
-
-
-@dataclass
 class TrainResult:
     run_dir: Path
     rows: list[dict]
