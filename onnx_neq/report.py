@@ -36,6 +36,7 @@ class RunSummary:
     updated_ratio: float
     epochs: int
     test_curve: list[float]
+    scheme: str | None = None  # Sparse Update scheme, for su runs
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -67,6 +68,7 @@ def summarize(path: str | Path) -> RunSummary:
         float(updated),
         len(rows),
         test,
+        config.get("su_scheme") if method == "su" else None,
     )
 
 
@@ -118,10 +120,13 @@ def _method_key(method: str) -> int:
 def results_markdown(runs: list[RunSummary]) -> str:
     """Rows budget x method, columns data sets; mean +- std over seeds (in %), best per budget bold."""
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    su_notes: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in runs:
         cells[(r.budget_label, r.method, r.data)].append(100 * r.test_at_best_val)
+        if r.method == "su":
+            su_notes[(r.budget_label, r.data)].add(f"{r.data}: scheme {r.scheme or '?'}, {r.budget_ratio:.1%}")
     datas = sorted({r.data for r in runs})
-    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=lambda b: float(b.rstrip("%")))
+    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=_budget_key)
     lines = ["| budget | method | " + " | ".join(datas) + " |", "|---|---|" + "---|" * len(datas)]
     for budget in budgets + ["100%"]:
         methods = sorted({m for (b, m, _) in cells if b == budget}, key=_method_key)
@@ -134,7 +139,18 @@ def results_markdown(runs: list[RunSummary]) -> str:
     lines.append(
         f"Test top-1 (%) at the best validation epoch, mean ± std over seeds {', '.join(map(str, seeds))}; best per budget in bold."
     )
+    if su_notes:
+        notes = "; ".join(
+            f"{budget}: {', '.join(sorted(v))}" for (budget, _), v in sorted(su_notes.items(), key=lambda kv: _budget_key(kv[0][0]))
+        )
+        lines.append(
+            f"su runs the built-in Sparse Update scheme nearest each budget, which trains its own share of the conv parameters ({notes})."
+        )
     return "\n".join(lines)
+
+
+def _budget_key(label: str) -> float:
+    return float(label.rstrip("%"))
 
 
 def _cell(values: list[float] | None, best: float | None) -> str:
@@ -147,8 +163,8 @@ def _cell(values: list[float] | None, best: float | None) -> str:
 def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
     """Test top-1 per epoch, one panel per (data, budget), one line per method (mean over seeds)."""
     plt = _pyplot()
-    panels = sorted({(r.data, r.budget_label) for r in runs if r.method not in ("full", "neq")})
-    panels = panels or sorted({(r.data, r.budget_label) for r in runs})
+    panels = {(r.data, r.budget_label) for r in runs if r.method not in ("full", "neq")} or {(r.data, r.budget_label) for r in runs}
+    panels = sorted(panels, key=lambda p: (p[0], _budget_key(p[1])))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (data, budget) in zip(axes[0], panels):
         for method in METHOD_ORDER:
