@@ -161,24 +161,28 @@ def _cell(values: list[float] | None, best: float | None) -> str:
 
 
 def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
-    """Test top-1 per epoch, one panel per (data, budget), one line per method (mean over seeds)."""
+    """Test top-1 per epoch: a row per data set, a column per budget, a line per method (mean over seeds)."""
     plt = _pyplot()
-    panels = {(r.data, r.budget_label) for r in runs if r.method not in ("full", "neq")} or {(r.data, r.budget_label) for r in runs}
-    panels = sorted(panels, key=lambda p: (p[0], _budget_key(p[1])))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (data, budget) in zip(axes[0], panels):
-        for method in METHOD_ORDER:
-            curves = [
-                r.test_curve
-                for r in runs
-                if r.data == data and r.method == method and (r.budget_label == budget or method in ("full", "neq"))
-            ]
-            if curves:
-                n = min(len(c) for c in curves)
-                ax.plot(range(n), 100 * np.mean([c[:n] for c in curves], axis=0), label=method, linestyle="--" if method == "full" else "-")
-        ax.set(title=f"{data}, budget {budget}", xlabel="epoch", ylabel="test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    datas = sorted({r.data for r in runs})
+    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=_budget_key) or ["100%"]
+    fig, axes = plt.subplots(len(datas), len(budgets), figsize=(4.5 * len(budgets), 3.4 * len(datas)), squeeze=False)
+    for row, data in enumerate(datas):
+        for col, budget in enumerate(budgets):
+            ax = axes[row][col]
+            for method in METHOD_ORDER:
+                curves = [
+                    r.test_curve
+                    for r in runs
+                    if r.data == data and r.method == method and (r.budget_label == budget or method in ("full", "neq"))
+                ]
+                if curves:
+                    n = min(len(c) for c in curves)
+                    ax.plot(
+                        range(n), 100 * np.mean([c[:n] for c in curves], axis=0), label=method, linestyle="--" if method == "full" else "-"
+                    )
+            ax.set(title=f"{data}, budget {budget}", xlabel="epoch", ylabel="test top-1 (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
