@@ -40,12 +40,13 @@ def _conv_model() -> ir.Model:
     model = ir.from_onnx_text(
         HEADER
         + f"""
-        g (float[N, 3, 4, 4] x) => (float[N, 6] y)
-          <float[6, 3, 1, 1] w = {{{_floats(18, 0)}}}, float[6] b = {{{_floats(6, 1)}}}> {{
+        g (float[N, 3, 4, 4] x) => (float[N, 2] y)
+          <float[6, 3, 1, 1] w = {{{_floats(18, 0)}}}, float[6] b = {{{_floats(6, 1)}}}, float[2, 6] fc = {{{_floats(12, 2)}}}> {{
             c = Conv <group = 1> (x, w, b)
             r = Relu (c)
             p = GlobalAveragePool (r)
-            y = Flatten (p)
+            f = Flatten (p)
+            y = Gemm <transB = 1> (f, fc)
         }}
         """
     )
@@ -91,6 +92,7 @@ def test_activation_tap_pass_exposes_raw_conv_outputs():
     model = _conv_model()
     w = model.graph.initializers["conv.weight"].const_value.numpy()
     b = model.graph.initializers["conv.bias"].const_value.numpy()
+    fc = model.graph.initializers["fc"].const_value.numpy()
     taps = ActivationTapPass(find_conv_layers(model))
     taps(model)
     assert [v.name for v in model.graph.outputs] == ["y", "conv.neq_tap"]
@@ -98,7 +100,25 @@ def test_activation_tap_pass_exposes_raw_conv_outputs():
     y, tap = _run(model, {"x": x})
     expected = np.einsum("oi,nihw->nohw", w[:, :, 0, 0], x) + b[None, :, None, None]  # 1x1 conv by hand
     np.testing.assert_allclose(tap, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(y, np.maximum(expected, 0).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, np.maximum(expected, 0).mean(axis=(2, 3)) @ fc.T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_1x1_conv_feeding_the_output_is_the_classifier_not_neurons():
+    """SqueezeNet-style: Conv 1x1 -> Relu -> GlobalAveragePool -> output is the head."""
+    from onnx_neq.conv_layers import find_head_conv
+
+    model = ir.from_onnx_text(
+        HEADER
+        + f"""
+        g (float[N, 3, 4, 4] x) => (float[N, 6] y) <float[6, 3, 1, 1] w = {{{_floats(18, 0)}}}> {{
+            c = Conv (x, w)
+            r = Relu (c)
+            p = GlobalAveragePool (r)
+            y = Flatten (p)
+        }}
+        """
+    )
+    assert find_head_conv(model) is not None and find_conv_layers(model) == []
 
 
 BN_TEXT = """
