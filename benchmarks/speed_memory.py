@@ -167,10 +167,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epoch-images", type=int, default=1000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table", type=Path, help="Only print the table of an earlier run's JSON.")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "speed_memory.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps((worker_ort if args.worker == "ort" else worker_torch)(args)))
+        return
+    if args.table:
+        saved = json.loads(args.table.read_text())
+        print(markdown(saved["rows"], saved["epoch_images"], saved["threads"]))
         return
     cases = [("mobilenet_v2", 64, 8)] if args.quick else [(a, 128, b) for a in ("mobilenet_v2", "resnet18") for b in (8, 32)]
     rows = []
@@ -194,8 +199,9 @@ def main() -> None:
 
 def markdown(rows: list[dict], epoch_images: int, threads: int) -> str:
     lines = [
-        "| model | px | batch | ms/step onnx-neq | ms/step PyTorch | ratio | peak RSS onnx-neq (MiB) | peak RSS PyTorch (MiB) | ratio | selection share onnx-neq | selection share PyTorch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | px | batch | ms/step onnx-neq | ms/step PyTorch | ratio | peak RSS onnx-neq (MiB) | peak RSS PyTorch (MiB) | ratio "
+        "| selection s onnx-neq | selection s PyTorch | ratio | selection share onnx-neq | selection share PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o, p = r["onnx_neq"], r["pytorch"]
@@ -206,7 +212,8 @@ def markdown(rows: list[dict], epoch_images: int, threads: int) -> str:
 
         lines.append(
             f"| {r['arch']} | {r['resolution']} | {r['batch']} | {o['ms_per_step']:.1f} | {p['ms_per_step']:.1f} | {o['ms_per_step'] / p['ms_per_step']:.2f} "
-            f"| {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / p['peak_rss_mib']:.2f} | {share(o):.2%} | {share(p):.2%} |"
+            f"| {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / p['peak_rss_mib']:.2f} "
+            f"| {o['selection_s']:.3f} | {p['selection_s']:.3f} | {o['selection_s'] / p['selection_s']:.2f} | {share(o):.2%} | {share(p):.2%} |"
         )
     lines.append(
         f"\n{threads} threads each; an epoch = {epoch_images} training images; selection = taps of 10 images + phi + velocity + greedy selection."

@@ -252,3 +252,13 @@ def test_budget_above_total_warns_and_trains_everything(tiny_artifacts, tmp_path
     assert "every neuron trains" in result.stdout
     masks = RunDir(tmp_path / "run").load_masks(0)
     assert all(m.all() for m in masks.values())
+
+
+def test_eval_command_reproduces_the_best_epochs_test_top1(tiny_artifacts, tmp_path):
+    """`onnx-neq eval` runs the exported model.onnx in an inference session; the run measured test
+    top-1 with the training session's eval graph. Both must agree for the best validation epoch."""
+    result = train(_config(tiny_artifacts, tmp_path / "run", epochs=3))
+    expected = float(result.rows[result.best_epoch]["test_top1"])
+    out = subprocess.run(_cli("eval", str(tmp_path / "run"), *DIGITS_0_4), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"top-1 {expected:.4f}" in out.stdout and "test images" in out.stdout
