@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ._values import add_initializer, take_over
+
 
 class ActivationRewritePass(ir.passes.InPlacePass):
     def __init__(self) -> None:
@@ -50,26 +52,16 @@ class _Builder:
 
     def const(self, value: float) -> ir.Value:
         self.n += 1
-        name = f"{self.prefix}.c{self.n}"
-        array = np.array(value, np.float32)
-        v = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
-        self.graph.register_initializer(v)
-        return v
+        return add_initializer(self.graph, f"{self.prefix}.c{self.n}", np.array(value, np.float32))
 
     def const_ints(self, values: list[int]) -> ir.Value:
         self.n += 1
-        name = f"{self.prefix}.c{self.n}"
-        array = np.array(values, np.int64)
-        v = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape))
-        self.graph.register_initializer(v)
-        return v
+        return add_initializer(self.graph, f"{self.prefix}.c{self.n}", np.array(values, np.int64))
 
     def finish(self, out: ir.Value) -> None:
         self.graph.insert_before(self.node, self.nodes)
-        old = self.node.outputs[0]
-        name, old.name = old.name, old.name + ".replaced"
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        out.name, out.type, out.shape = name, old.type, old.shape
+        out.type, out.shape = self.node.outputs[0].type, self.node.outputs[0].shape
+        take_over(self.node.outputs[0], out)
         self.graph.remove(self.node, safe=True)
 
 

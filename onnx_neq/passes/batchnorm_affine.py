@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ._values import add_initializer, take_over
+
 
 class BatchNormAffinePass(ir.passes.InPlacePass):
     def __init__(self) -> None:
@@ -33,8 +35,8 @@ class BatchNormAffinePass(ir.passes.InPlacePass):
         rank = x.shape.rank() if x.shape is not None else 4
         name = node.name or f"bn{len(self.rewritten)}"
         eps = node.attributes.get_float("epsilon", 1e-5)
-        shape = _constant(graph, f"{name}.affine_shape", np.array([1, -1] + [1] * (rank - 2), np.int64))
-        epsilon = _constant(graph, f"{name}.epsilon", np.array(eps, np.float32))
+        shape = add_initializer(graph, f"{name}.affine_shape", np.array([1, -1] + [1] * (rank - 2), np.int64))
+        epsilon = add_initializer(graph, f"{name}.epsilon", np.array(eps, np.float32))
         nodes = []
 
         def op(op_type: str, *inputs: ir.Value, suffix: str) -> ir.Value:
@@ -48,20 +50,7 @@ class BatchNormAffinePass(ir.passes.InPlacePass):
         scaled = op("Mul", centered, op("Reshape", k, shape, suffix="k4d"), suffix="scaled")
         out = op("Add", scaled, op("Reshape", bias, shape, suffix="bias4d"), suffix="affine")
         graph.insert_before(node, nodes)
-        old = node.outputs[0]
-        out_name, old.name = old.name, f"{old.name}.replaced"
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        out.name, out.type, out.shape = out_name, old.type, old.shape
+        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+        take_over(node.outputs[0], out)
         graph.remove(node, safe=True)
         self.rewritten.append(name)
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        const_value=ir.tensor(array, name=name),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        shape=ir.Shape(array.shape),
-    )
-    graph.register_initializer(value)
-    return value

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ._values import take_over
+
 
 class DropoutRemovalPass(ir.passes.InPlacePass):
     def __init__(self) -> None:
@@ -21,11 +23,9 @@ class DropoutRemovalPass(ir.passes.InPlacePass):
                 continue
             out, src = node.outputs[0], node.inputs[0]
             if out.is_graph_output():
-                name, out.name = out.name, out.name + ".dropout"
                 identity = ir.node("Identity", [src], name=node.name)
-                identity.outputs[0].name = name
                 graph.insert_after(node, identity)
-                out.replace_all_uses_with(identity.outputs[0], replace_graph_outputs=True)
+                take_over(out, identity.outputs[0])
             else:
                 out.replace_all_uses_with(src)
             graph.remove(node, safe=True)

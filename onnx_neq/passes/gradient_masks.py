@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from ..conv_layers import ConvLayer
 from ..errors import NeqError
+from ._values import add_initializer
 
 
 @dataclass
@@ -54,10 +55,7 @@ class GradientMaskPass(ir.passes.InPlacePass):
         scale = mask
         nodes = []
         if rank > 1:
-            shape = ir.Value(name=f"{mask.name}.shape{rank}", const_value=ir.tensor(np.array([-1] + [1] * (rank - 1), np.int64)))
-            shape.type = ir.TensorType(ir.DataType.INT64)
-            shape.shape = ir.Shape([rank])
-            graph.register_initializer(shape)
+            shape = add_initializer(graph, f"{mask.name}.shape{rank}", np.array([-1] + [1] * (rank - 1), np.int64))
             reshape = ir.node("Reshape", [mask, shape], name=f"{mask.name}.reshape{rank}")
             scale = reshape.outputs[0]
             scale.name = f"{mask.name}.{rank}d"
