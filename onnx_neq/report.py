@@ -54,7 +54,7 @@ def summarize(path: str | Path) -> RunSummary:
     data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
     method = config["selector"]
     ratio = 1.0 if method in ("full", "neq") else budget["params"] / budget["total"]
-    label = settings.get("budget_label") or ("100%" if method in ("full", "neq") else f"{ratio:.1%}")
+    label = config.get("budget_label") or ("100%" if method in ("full", "neq") else f"{ratio:.1%}")
     return RunSummary(
         run.path,
         data,

@@ -162,7 +162,6 @@ def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budg
         "budget": asdict(budget),
         "model": {"source": manifest.source_model, "neurons": manifest.neurons, "selectable_params": manifest.selectable_params},
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test), "classes": data.num_classes},
-        "budget_label": config.budget_label,
         "onnx_neq_version": __import__("onnx_neq").__version__,
     }
 
