@@ -4,7 +4,8 @@ opset != 17 -> onnx's version converter to 17, IR version 8   (IR <= 10 is what 
 Constant / ConstantOfShape weights -> initializers             (ConstantWeightsPass)
 unused initializers and graph inputs that are initializers -> removed
 Softmax / LogSoftmax at the output -> removed for training      (OutputActivationPass)
-HardSigmoid, HardSwish, Softplus, Elu, GlobalMaxPool -> differentiable ops (ActivationRewritePass)
+(ops without an ORT gradient are rewritten by prepare after it has grouped the parameters, so
+that e.g. a PRelu slope stays a trainable parameter: ActivationRewritePass)
 dynamic spatial input dims -> fixed by --input-shape (the batch dimension stays dynamic)
 """
 
@@ -17,7 +18,6 @@ import onnx_ir as ir
 
 from .errors import NeqError
 from .model_io import default_opset
-from .passes.activation_rewrites import ActivationRewritePass
 from .passes.constant_weights import ConstantWeightsPass
 from .passes.output_activation import OutputActivationPass
 
@@ -80,9 +80,6 @@ def normalize(model: ir.Model, report: NormalizeReport, input_shape: list[int] |
     activation = OutputActivationPass()
     activation(model)
     report.output_activation = activation.removed
-    rewrites = ActivationRewritePass()
-    rewrites(model)
-    report.rewritten = rewrites.rewritten
     _flatten_logits(model, report)
     if input_shape:
         _fix_input_shape(model, input_shape)

@@ -18,6 +18,7 @@ from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
 from .model_io import load_model
 from .normalize import NormalizeReport, convert_opset, normalize
 from .parameters import ParameterGroups, group_parameters
+from .passes.activation_rewrites import ActivationRewritePass
 from .passes.batchnorm_affine import BatchNormAffinePass
 from .passes.classifier_head import ClassifierHeadPass
 from .passes.dropout_removal import DropoutRemovalPass
@@ -65,8 +66,9 @@ def prepare(
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
     groups = group_parameters(model, layers)  # before the rewrite below hides BatchNorm's parameters
     input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
-    affine = BatchNormAffinePass()
-    affine(model)
+    affine, rewrites = BatchNormAffinePass(), ActivationRewritePass()
+    ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
+    normalized.rewritten.update(rewrites.rewritten)
     proto = ir.serde.serialize_model(model)
     staging = _staging_dir(out_dir)
     try:

@@ -134,6 +134,7 @@ REWRITE_CASES = {
     "Elu": (dict(alpha=0.7), 1),
     "GlobalMaxPool": ({}, 1),
     "Sum": ({}, 3),
+    "PRelu": ({}, 2),
     "LRN": (dict(size=3, alpha=1e-3, beta=0.75, bias=2.0), 1),
 }
 
@@ -228,3 +229,30 @@ def test_num_classes_replaces_matmul_add_and_conv_heads(tmp_path, rng):
     session.export_inference(tmp_path / "sq.onnx")  # the Softmax comes back, over 7 classes
     probs = inference_session(tmp_path / "sq.onnx").run(None, {session.manifest.input.name: x})[0]
     np.testing.assert_allclose(probs.reshape(-1).sum(), 1.0, rtol=1e-5)
+
+
+def test_prelu_slope_stays_trainable(tmp_path, rng):
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.full((4, 1, 1), 0.25, np.float32), "slope"),
+    ]
+    inits.append(numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("PRelu", ["c", "slope"], ["a"], name="prelu"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    model = _graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    onnx.save(model, str(tmp_path / "prelu.onnx"))
+    report = prepare(tmp_path / "prelu.onnx", tmp_path / "art")
+    assert report.normalized.rewritten == {"PRelu": 1} and report.manifest.other_params == 4
+    session = TrainingSession(tmp_path / "art")
+    session.train_step(rng.standard_normal((4, 3, 8, 8)).astype(np.float32), np.array([0, 1, 2, 3]), 0.5)
+    assert not np.array_equal(session.parameter("slope"), np.full((4, 1, 1), 0.25, np.float32))

@@ -5,6 +5,7 @@ HardSwish (x)                  ->  x * Clip(x / 6 + 1/2, 0, 1)
 Softplus (x)                   ->  Relu(x) + Log(1 + Exp(-Abs(x)))              (stable for large |x|)
 Elu <alpha> (x)                ->  Relu(x) + alpha * (Exp(-Relu(-x)) - 1)        (no Exp overflow)
 GlobalMaxPool (x)              ->  ReduceMax <axes = spatial, keepdims = 1> (x)
+PRelu (x, slope)               ->  Relu(x) - slope * Relu(-x)
 Sum (a, b, c, ...)             ->  Add(Add(a, b), c) ...
 LRN <size, alpha, beta, bias>  ->  x / (bias + alpha * AvgPool3d(Unsqueeze(x^2), (size, 1, 1)))^beta
                                    (the channel-window sum as a zero-padded average pool times size)
@@ -88,6 +89,11 @@ def _global_max_pool(b: _Builder, node: ir.Node) -> ir.Value:
     return b.op("ReduceMax", x, keepdims=1, axes=list(range(2, rank)))
 
 
+def _prelu(b: _Builder, node: ir.Node) -> ir.Value:
+    x, slope = node.inputs[0], node.inputs[1]
+    return b.op("Sub", b.op("Relu", x), b.op("Mul", slope, b.op("Relu", b.op("Neg", x))))
+
+
 def _sum(b: _Builder, node: ir.Node) -> ir.Value:
     total = node.inputs[0]
     for other in node.inputs[1:]:
@@ -118,6 +124,7 @@ _REWRITES = {
     "Softplus": _softplus,
     "Elu": _elu,
     "GlobalMaxPool": _global_max_pool,
+    "PRelu": _prelu,
     "Sum": _sum,
     "LRN": _lrn,
 }
