@@ -116,5 +116,12 @@ class TrainingSession:
             onnx.save(append_output_activation(onnx.load(os.fspath(path)), self.manifest.output_activation), os.fspath(path))
 
 
+def checkpoint_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Parameters read straight from a checkpoint file, without building ORT sessions."""
+    with captured_native_stderr():
+        state = training_api().CheckpointState.load_checkpoint(os.fspath(path))
+    return {name: state.parameters[name].data for name in names}
+
+
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -24,7 +24,7 @@ from .manifest import Manifest, read_manifest
 from .run_dir import RunDir, RunState
 from .schedule import learning_rate
 from .selectors import select_full, select_neq, select_random, select_su, select_velocity, split_by_layer
-from .session import TrainingSession
+from .session import TrainingSession, checkpoint_parameters
 from .su_schemes import load_su_scheme
 from .velocity import VelocityState, layer_phi
 
@@ -112,13 +112,15 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     config.validate()
     manifest = read_manifest(config.artifacts)
     data = _load_data(config, manifest)
-    session = TrainingSession(config.artifacts, threads=config.threads)
     costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost, np.int64) for layer in manifest.layers])
-    su_mask = _su_mask(config, manifest, session) if "su" in (config.selector, config.first_epoch_init) else None
+    su_mask = _su_mask(config, manifest) if "su" in (config.selector, config.first_epoch_init) else None
     budget = resolve_budget(config, manifest, costs, su_mask)
     if not resume:
         run.create(_settings(config, manifest, data, budget))
-    return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run()
+    state, arrays = run.load_state()
+    checkpoint = run.path / state.checkpoint if state.checkpoint else None  # resume from the last finished epoch
+    session = TrainingSession(config.artifacts, checkpoint, threads=config.threads)
+    return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(state, arrays)
 
 
 def _load_data(config: TrainConfig, manifest: Manifest) -> _Data:
@@ -150,9 +152,11 @@ def _prep(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     return preprocess(images, spec.shape[2], spec.shape[1], spec.mean, spec.std)
 
 
-def _su_mask(config: TrainConfig, manifest: Manifest, session: TrainingSession) -> np.ndarray:
+def _su_mask(config: TrainConfig, manifest: Manifest) -> np.ndarray:
+    """Static: from the pretrained weights in the artifacts' checkpoint, also when resuming."""
     scheme = load_su_scheme(config.su_scheme, manifest, config.budget, config.budget_ratio)
-    norms = [np.linalg.norm(session.parameter(layer.weight).reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
+    weights = checkpoint_parameters(Path(config.artifacts) / manifest.files["checkpoint"], [layer.weight for layer in manifest.layers])
+    norms = [np.linalg.norm(weights[layer.weight].reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
     return select_su(norms, scheme)
 
 
@@ -176,11 +180,10 @@ class _Loop:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = self.steps_per_epoch * min(config.warmup_epochs, config.epochs - 1)
 
-    def run(self) -> TrainResult:
-        state, arrays = self.run_dir.load_state()
+    def run(self, state: RunState, arrays: dict[str, np.ndarray]) -> TrainResult:
         velocity = self._velocity_state(arrays)
         if state.checkpoint:
-            self._restore(state)
+            self.progress("resume", {"epoch": state.epoch + 1})
         self.run_dir.truncate_metrics(state.epoch)
         taps = self._taps()  # epoch -1 (pretrained), or the end of the last finished epoch
         for epoch in range(state.epoch + 1, self.c.epochs):
@@ -194,10 +197,6 @@ class _Loop:
         if arrays:
             return VelocityState.from_arrays(arrays, self.c.mu, self.c.recurrence)
         return VelocityState(int(self.costs.size), self.c.mu, self.c.recurrence)
-
-    def _restore(self, state: RunState) -> None:
-        self.s = TrainingSession(self.c.artifacts, self.run_dir.path / state.checkpoint, threads=self.c.threads)
-        self.progress("resume", {"epoch": state.epoch + 1})
 
     # one epoch -----------------------------------------------------------------------------
     def _epoch(self, epoch: int, taps, velocity: VelocityState, state: RunState):
