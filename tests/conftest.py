@@ -82,6 +82,17 @@ def frozen_bn_artifacts(tiny_frozen_bn_onnx, tmp_path_factory) -> dict[str, Path
     return {"sgd": root / "sgd", "adamw": root / "adamw"}
 
 
+def onnx_model(nodes, inputs, outputs, initializers=(), opset: int = 17):
+    """A ModelProto from onnx.helper pieces, at the IR version ORT 1.19.2 reads."""
+    from onnx import helper
+
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    model.ir_version = 8
+    return model
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

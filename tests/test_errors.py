@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import onnx_model
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -31,16 +32,12 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def _model(nodes, initializers, out_dim=5, in_shape=("N", 3, 8, 8)) -> onnx.ModelProto:
-    graph = helper.make_graph(
+    return onnx_model(
         nodes,
-        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])],
         [numpy_helper.from_array(a, n) for n, a in initializers.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def _conv_then(op: str) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import onnx_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_neq.ort_runtime import inference_session
@@ -47,14 +48,6 @@ def test_zoo_model_prepares_and_trains_a_step(path, tmp_path):
     assert len(session.eval_batch(x)[1]) == convs - head_conv
 
 
-def _graph(nodes, inputs, outputs, initializers=(), opset=17):
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", inputs, outputs, list(initializers)), opset_imports=[helper.make_opsetid("", opset)]
-    )
-    model.ir_version = 8
-    return model
-
-
 def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name))
 
@@ -75,7 +68,7 @@ def test_constant_weights_and_softmax_output(tmp_path, rng):
         helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"], transB=1),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
-    model = _graph(
+    model = onnx_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])],
@@ -149,7 +142,7 @@ def test_rewrite_equals_the_original_op(op, rng):
     attrs, arity = REWRITE_CASES[op]
     names = [f"x{i}" for i in range(arity)]
     out_shape = ["N", 6, 1, 1] if op == "GlobalMaxPool" else ["N", 6, 5, 5]
-    model = _graph(
+    model = onnx_model(
         [helper.make_node(op, names, ["y"], **attrs)],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 6, 5, 5]) for n in names],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
@@ -184,7 +177,7 @@ def _dynamic_conv_model(rng, opset: int, matmul_head: bool) -> onnx.ModelProto:
     else:
         inits += [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fw")]
         nodes += [helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1)]
-    model = _graph(
+    model = onnx_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
@@ -244,7 +237,7 @@ def test_prelu_slope_stays_trainable(tmp_path, rng):
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
     ]
-    model = _graph(
+    model = onnx_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
