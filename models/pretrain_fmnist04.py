@@ -3,7 +3,7 @@ Fashion-MNIST classes 0-4 (T-shirt, Trouser, Pullover, Dress, Coat), so that cla
 the digits stay unseen target tasks. Needs torch (pip install -e ".[export]") and Debian's
 dataset-fashion-mnist.
 
-    python models/pretrain_fmnist04.py            # writes models/mobilenet_v2_035_fmnist04.{pth,onnx}
+    python models/pretrain_fmnist04.py            # writes models/mobilenet_v2_035_fmnist04.{pth,json}, onnx_neq/models/*.onnx
 
 Preprocessing is onnx-neq's own (onnx_neq.data.preprocess, mean = std = 0.5), so fine-tuning
 sees inputs exactly as pretraining did.
@@ -81,7 +81,15 @@ def main() -> None:
         log.append({"epoch": epoch, "loss": loss.item(), "test_top1": test, "minutes": (time.time() - start) / 60})
         print(json.dumps(log[-1]), flush=True)
     torch.save(model.state_dict(), args.out.with_suffix(".pth"))
-    export_module(model, args.out.with_suffix(".onnx"), resolution=32, bn="frozen", mean=MEAN, std=STD, name="mobilenet_v2")
+    export_module(
+        model,
+        HERE.parent / "onnx_neq" / "models" / (args.out.name + ".onnx"),
+        resolution=32,
+        bn="frozen",
+        mean=MEAN,
+        std=STD,
+        name="mobilenet_v2",
+    )
     summary = {
         "recipe": vars(args) | {"out": str(args.out.name)},
         "test_top1_classes_0_4": log[-1]["test_top1"],

@@ -22,6 +22,7 @@ from .parameters import ParameterGroups
 from .passes.activation_rewrites import REWRITTEN_OPS
 from .passes.activation_taps import ActivationTapPass
 from .passes.batchnorm_inference import BatchNormInferencePass
+from .passes.batchnorm_statistics import BatchNormStatisticsPass, training_bn_positions
 from .passes.gradient_masks import GradientMaskPass
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ArtifactsReport:
     mask_inputs: list[str]
     taps: list[str]
     bn_nodes_fixed: int
+    bn_stats: list[dict]
 
 
 def generate(
@@ -59,10 +61,11 @@ def generate(
     _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), directory, logits)
     user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
-    training = _rewrite(directory / FILES["training_model"], [masks])
+    stats = BatchNormStatisticsPass(training_bn_positions(model))
+    training = _rewrite(directory / FILES["training_model"], [masks, stats])
     taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
     _rewrite(directory / FILES["eval_model"], [bn, taps])
-    return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed)
+    return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed, stats.stats)
 
 
 def _optimizer_block(optimizer: str, weight_decay: float):

@@ -9,28 +9,35 @@ from pathlib import Path
 
 import click
 
-from .errors import NeqError
+from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
 
 
 class _Group(click.Group):
-    """Turns NeqError into one line on stderr and exit 2; other errors into one line and exit 1."""
+    """One line on stderr per failure, with the exit status of errors.py: a NeqError (also one
+    wrapped by an onnx_ir pass) and an OSError are the user's to fix (2, or 3 for a divergence);
+    anything else is unexpected (1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except NeqError as exc:
-            click.echo(f"onnx-neq: error: {exc}", err=True)
-            sys.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("onnx-neq: interrupted", err=True)
-            sys.exit(130)
+            _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:
             if ctx.meta.get("debug"):
                 raise
-            click.echo(f"onnx-neq: internal error: {exc.__class__.__name__}: {exc} (re-run with --debug for the traceback)", err=True)
-            sys.exit(1)
+            user = user_error_in_chain(exc)
+            if user is not None:
+                _fail(f"error: {user}", user.exit_code)
+            if isinstance(exc, OSError):
+                _fail(f"error: {environment_error(exc)}", environment_error(exc).exit_code)
+            _fail(f"internal error: {exc.__class__.__name__}: {exc} (re-run with --debug for the traceback)", EXIT_UNEXPECTED)
+
+
+def _fail(message: str, code: int):
+    click.echo(f"onnx-neq: {' '.join(message.split())}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)
@@ -75,6 +82,8 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
     head = " (head re-initialized for the new class count)" if report.head_replaced else ""
     click.echo(f"wrote {output}: {arch}, {report.params:,} parameters, {num_classes} classes, {resolution}x{resolution} input{head}")
     click.echo(f"ONNX Runtime vs PyTorch logits: max |diff| = {report.max_abs_diff:.2e}")
+    if weights is None:
+        click.echo("warning: no --weights given, so the weights are random: fine-tuning this model is training from scratch", err=True)
 
 
 @main.command()
@@ -105,7 +114,9 @@ def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, see
     )
     click.echo(manifest_summary(report.manifest))
     click.echo(prepare_changes(report))
-    click.echo(f"\nwrote {out_dir}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json")
+    click.echo(
+        f"\nwrote {out_dir.as_posix().rstrip('/')}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json"
+    )
 
 
 @main.command("export-inference")
@@ -204,7 +215,6 @@ def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
     With no arguments: the shipped MobileNetV2 0.35 (pretrained on Fashion-MNIST classes 0-4)
     fine-tuned on digits at 30.8% of its selectable parameters with the velocity selector.
     """
-    from .default_model import default_artifacts
     from .summary import train_summary
     from .train import TrainConfig, train
 
@@ -212,17 +222,31 @@ def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
         raise NeqError("--resume needs --out RUN_DIR, the run to continue")
     class_list = _classes(classes)
     if artifacts_dir is None and not resume:
-        artifacts_dir = default_artifacts(_count_classes(data, class_list))
+        artifacts_dir = _default_artifacts(data, class_list)
     out = out or Path("runs") / f"{options['selector']}-{data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(artifacts=str(artifacts_dir or ""), data=data, out=str(out), classes=class_list, **options)
+    ctx = click.get_current_context()
+    given = {k: v for k, v in {**options, "data": data, "classes": class_list}.items() if _given(ctx, k)}
     progress = _Progress()
     try:
-        result = train(config, resume=resume, progress=progress)
+        result = train(config, resume=resume, progress=progress, overrides=given if resume else None)
     except KeyboardInterrupt:
         progress.clear()
-        raise NeqError(f"interrupted; continue with: onnx-neq train --out {out} --resume") from None
+        raise InterruptedRun(f"interrupted; continue with: onnx-neq train --out {out} --resume") from None
     progress.clear()
-    click.echo(train_summary(result))
+    click.echo(train_summary(result, with_table=not progress.shown_live(sys.stdout)))
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _default_artifacts(data: str, classes: list[int] | None) -> Path:
+    """./artifacts when `onnx-neq prepare` wrote it here, else the shipped model (head fitted to the data)."""
+    from .default_model import default_artifacts, local_artifacts
+
+    return local_artifacts() or default_artifacts(_count_classes(data, classes))
 
 
 def _count_classes(data: str, classes: list[int] | None) -> int:
@@ -232,19 +256,24 @@ def _count_classes(data: str, classes: list[int] | None) -> int:
 
 
 class _Progress:
-    """Epoch rows as they finish; a live step line on a terminal."""
+    """What the run says before its first epoch, its epoch rows as they finish, and a live step line on a terminal."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.header = False
 
+    def shown_live(self, stream) -> bool:
+        """True when the epoch rows already went to the terminal that `stream` writes to."""
+        return self.header and self.tty and stream.isatty()
+
     def __call__(self, event: str, info: dict) -> None:
-        if event == "resume":
-            click.echo(f"resuming at epoch {info['epoch']}", err=True)
+        if event == "start":
+            for line in _start_lines(info):
+                click.echo(line, err=True)
         elif event == "step" and self.tty:
             done = int(20 * info["step"] / info["steps"])
             click.echo(
-                f"\repoch {info['epoch'] + 1}/{info['epochs']} [{'#' * done}{'.' * (20 - done)}] {info['step']}/{info['steps']} loss {info['loss']:.4f}",
+                f"\repoch {info['epoch']} of 0-{info['epochs'] - 1} [{'#' * done}{'.' * (20 - done)}] {info['step']}/{info['steps']} loss {info['loss']:.4f}",
                 err=True,
                 nl=False,
             )
@@ -262,6 +291,19 @@ class _Progress:
     def clear(self) -> None:
         if self.tty:
             click.echo("\r" + " " * 79 + "\r", err=True, nl=False)
+
+
+def _start_lines(info: dict) -> list[str]:
+    b = info["budget"]
+    train_n, val_n, test_n = info["sizes"]
+    lines = [
+        f"model     {info['artifacts']} (from {Path(info['source_model']).name}: {info['layers']} convs, {info['neurons']:,} neurons, {info['num_classes']} classes)",
+        f"data      {info['data']}: {train_n:,} train / {val_n:,} val / {test_n:,} test images",
+        f"budget    {b.params:,} of {b.total:,} selectable parameters ({min(b.ratio, 1):.1%}; {b.source}), selector {info['selector']}, {info['epochs']} epochs",
+    ]
+    if info.get("resumed_at") is not None:
+        lines.append(f"resuming  at epoch {info['resumed_at']}")
+    return lines + [f"warning   {note}" for note in info["notes"]]
 
 
 @main.command("eval")

@@ -83,8 +83,28 @@ def _load(spec: str, resolution: int | None) -> Dataset:
     if kind in ("cifar10", "cifar100", "imagefolder", "npz") and not path:
         raise NeqError(f"--data {kind} needs a path: {kind}:{'FILE' if kind == 'npz' else 'DIR'}")
     train, test = loaders[kind](path)
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    return Dataset(spec, train, test, num_classes)
+    return Dataset(spec, train, test, check_labels(spec, train, test))
+
+
+def check_labels(spec: str, train: Split, test: Split) -> int:
+    """The class count K of a data set whose labels are exactly the integers 0..K-1; else NeqError."""
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            raise NeqError(f"{spec}: the {name} split is empty")
+        if len(split.images) != len(split.labels):
+            raise NeqError(f"{spec}: the {name} split has {len(split.images)} images but {len(split.labels)} labels")
+    labels = np.concatenate([train.labels, test.labels])
+    present = np.unique(labels)
+    missing = np.setdiff1d(np.arange(int(present.max()) + 1), present)
+    if present.min() < 0:
+        raise NeqError(f"{spec}: labels must be the integers 0..K-1, but {int(present.min())} occurs")
+    if missing.size:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if missing.size > 5 else "")
+        raise NeqError(
+            f"{spec}: labels run to {int(present.max())} but {missing.size} classes below it never occur ({shown}); "
+            f"labels must be 0..K-1 with every class present"
+        )
+    return int(present.max()) + 1
 
 
 def select_classes(data: Dataset, classes: list[int]) -> Dataset:
@@ -206,8 +226,16 @@ def _cifar_dir(path: str, marker: str) -> Path:
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        if not isinstance(batch, dict) or b"data" not in batch:
+            raise ValueError("not a dict with b'data'")
+        return batch
+    except Exception as exc:
+        raise NeqError(
+            f"{path} is not a CIFAR python pickle ({str(exc).splitlines()[0][:100] if str(exc) else exc.__class__.__name__})"
+        ) from None
 
 
 def _cifar_split(batches: list[dict], label_key: bytes) -> Split:
@@ -250,30 +278,74 @@ def _read_folder(folder: Path, classes: list[str], resolution: int | None) -> Sp
     for label, name in enumerate(classes):
         for file in sorted((folder / name).glob("*")):
             if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-                with Image.open(file) as img:
-                    images.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)))
+                images.append(_read_image(Image, file, size))
                 labels.append(label)
     if not images:
         raise NeqError(f"{folder} holds no images (.png, .jpg, .jpeg, .bmp, .webp)")
     return Split(np.stack(images), np.array(labels, np.int64))
 
 
+def _read_image(image_module, file: Path, size: int) -> np.ndarray:
+    try:
+        with image_module.open(file) as img:
+            return np.asarray(img.convert("RGB").resize((size, size), image_module.BILINEAR))
+    except Exception as exc:
+        raise NeqError(
+            f"{file} is not a readable image ({str(exc).splitlines()[0][:100] if str(exc) else exc.__class__.__name__})"
+        ) from None
+
+
 def _npz(path: str) -> tuple[Split, Split]:
     file = Path(path)
-    if not file.exists():
+    if not file.is_file():
         raise NeqError(f"npz file {file} does not exist")
-    with np.load(file) as z:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z]
-        if missing:
-            raise NeqError(f"{file} lacks arrays {missing}; expected x_train, y_train, x_test, y_test")
-        return _npz_split(z["x_train"], z["y_train"]), _npz_split(z["x_test"], z["y_test"])
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an archive")
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise NeqError(f"{file} lacks arrays {missing}; expected x_train, y_train, x_test, y_test")
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except NeqError:
+        raise
+    except Exception as exc:  # not a zip, a truncated zip, pickled objects, a lone .npy
+        raise NeqError(f"{file} is not a readable .npz archive ({str(exc).splitlines()[0][:100]}); write one with numpy.savez") from None
+    return _npz_split(file, "train", arrays["x_train"], arrays["y_train"]), _npz_split(file, "test", arrays["x_test"], arrays["y_test"])
 
 
-def _npz_split(x: np.ndarray, y: np.ndarray) -> Split:
+def _npz_split(file: Path, name: str, x: np.ndarray, y: np.ndarray) -> Split:
+    where = f"{file} ({name})"
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
+    if x.ndim != 4:
+        raise NeqError(f"{where}: images have shape {x.shape}; expected N x H x W (x C) or N x C x H x W")
+    if x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
         x = x.transpose(0, 2, 3, 1)
-    if x.dtype != np.uint8:
-        x = np.clip(np.round(x * 255.0 if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
-    return Split(np.ascontiguousarray(x), y.astype(np.int64).reshape(-1))
+    return Split(np.ascontiguousarray(_to_uint8(where, x)), _integer_labels(where, y))
+
+
+def _to_uint8(where: str, x: np.ndarray) -> np.ndarray:
+    """uint8 as is; other numbers must be finite and within 0..1 (scaled by 255) or 0..255."""
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise NeqError(f"{where}: images of dtype {x.dtype}; expected numbers")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise NeqError(f"{where}: {int((~finite).sum())} pixel values are NaN or infinite; clean the images first")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 255:
+        raise NeqError(f"{where}: pixel values span {low:g}..{high:g}; expected 0..1 or 0..255")
+    return np.clip(np.round(x * 255.0 if high <= 1.0 else x), 0, 255).astype(np.uint8)
+
+
+def _integer_labels(where: str, y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y).reshape(-1)
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise NeqError(f"{where}: labels of dtype {y.dtype}; expected integers 0..K-1")
+    if not np.issubdtype(y.dtype, np.integer):
+        bad = ~np.isfinite(y) | (y != np.round(np.nan_to_num(y)))
+        if bad.any():
+            raise NeqError(f"{where}: {int(bad.sum())} labels are not integers (e.g. {y[bad][0]}); expected integers 0..K-1")
+    return y.astype(np.int64)

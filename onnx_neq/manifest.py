@@ -23,10 +23,17 @@ Fields (all counts are numbers of scalar parameters unless said otherwise):
   files                    {training_model, eval_model, optimizer_model, checkpoint}
   output_activation        {op, axis, output} of a Softmax/LogSoftmax removed from the source model's
                            output (null if none); inference models get it back
+  prepare_options          the prepare options (optimizer, weight_decay, mean, std, seed, input_shape)
+                           that `train` re-uses to prepare the source model with another head
+  bn_stats                 training-mode BatchNorms whose running statistics train updates:
+                           [{running_mean, running_var, batch_mean, batch_inv_std, epsilon,
+                           positions (H*W per image)}]; batch_mean / batch_inv_std are training outputs
+  bn_momentum              PyTorch-convention momentum of that update (0.1)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +94,9 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     weight_decay: float = 0.0
     output_activation: dict | None = None
+    prepare_options: dict | None = None
+    bn_stats: list[dict] = field(default_factory=list)
+    bn_momentum: float = 0.1
     format: str = FORMAT
     version: int = VERSION
 
@@ -125,3 +135,18 @@ def read_manifest(directory: str | Path) -> Manifest:
         return Manifest.from_dict(data)
     except TypeError as exc:
         raise NeqError(f"{path} is malformed ({exc}); re-run `onnx-neq prepare`") from None
+
+
+def artifacts_fingerprint(directory: str | Path) -> str:
+    """sha256 over the manifest and every file it lists: a run refuses to resume on changed artifacts."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    digest = hashlib.sha256()
+    for name in [FILENAME, *sorted(manifest.files.values())]:
+        path = directory / name
+        digest.update(name.encode())
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()

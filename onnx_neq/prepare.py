@@ -78,6 +78,15 @@ def prepare(
         manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers)
         manifest.weight_decay = weight_decay
         manifest.output_activation = normalized.output_activation
+        manifest.bn_stats = report.bn_stats
+        manifest.prepare_options = {
+            "optimizer": optimizer,
+            "weight_decay": weight_decay,
+            "mean": input_spec.mean,
+            "std": input_spec.std,
+            "seed": seed,
+            "input_shape": input_shape,
+        }
         write_manifest(manifest, staging)
         _replace_dir(staging, out_dir)
     finally:
@@ -135,7 +144,7 @@ def _manifest(model_path, optimizer, input_spec, logits, num_classes, report, gr
         for l in layers
     ]
     return Manifest(
-        source_model=str(model_path),
+        source_model=str(Path(model_path).resolve()),
         optimizer=optimizer,
         input=input_spec,
         label_input=artifacts.LABEL_INPUT,

@@ -48,12 +48,13 @@ def summarize(path: str | Path) -> RunSummary:
     if not rows:
         raise NeqError(f"{path} has no finished epoch")
     config, budget = settings["config"], settings["budget"]
-    state, _ = run.load_state()
+    state = run.load_state()
     test = [float(r["test_top1"]) for r in rows]
+    test_at = {int(r["epoch"]): float(r["test_top1"]) for r in rows}
     updated = np.mean([int(r["updated_params"]) for r in rows[1:] or rows]) / budget["total"]
     data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
     method = config["selector"]
-    ratio = 1.0 if method in ("full", "neq") else budget["params"] / budget["total"]
+    ratio = 1.0 if method in ("full", "neq") else min(1.0, budget["params"] / budget["total"])  # a budget above the total trains all
     label = config.get("budget_label") or ("100%" if method in ("full", "neq") else f"{ratio:.1%}")
     return RunSummary(
         run.path,
@@ -63,7 +64,7 @@ def summarize(path: str | Path) -> RunSummary:
         label,
         int(config["seed"]),
         state.best_epoch,
-        test[state.best_epoch],
+        test_at.get(state.best_epoch, float("nan")),
         test[-1],
         float(updated),
         len(rows),

@@ -69,12 +69,25 @@ class TrainingSession:
         self.module.train()
         self.optimizer.set_learning_rate(float(lr))
         masks = [self.masks[layer.name] for layer in self.manifest.layers]
-        loss, logits = self.module(_f32(images), labels.astype(np.int64), *masks)[:2]
+        outputs = self.module(_f32(images), labels.astype(np.int64), *masks)
+        loss, logits = outputs[:2]
+        if self.manifest.bn_stats:
+            self._update_running_statistics(outputs[2 : 2 + 2 * len(self.manifest.bn_stats)], len(images))
         self.optimizer.step()
         self.module.lazy_reset_grad()
         if self._frozen:
             self._restore_frozen()
         return float(loss), logits
+
+    def _update_running_statistics(self, outputs, batch: int) -> None:
+        """running = (1 - m) * running + m * batch statistic, PyTorch's train-mode update (unbiased variance)."""
+        m = np.float32(self.manifest.bn_momentum)
+        for stat, mean, inv_std in zip(self.manifest.bn_stats, outputs[0::2], outputs[1::2]):
+            n = batch * stat["positions"]
+            variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
+            for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
+                running = self.state.parameters[name].data
+                self.state.parameters[name] = ((1 - m) * running + m * value.astype(np.float32)).astype(np.float32)
 
     def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits and the raw Conv outputs (taps, by layer name) of a batch in inference mode."""
@@ -101,8 +114,13 @@ class TrainingSession:
         return {name: p.data for name, p in self.state.parameters}
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Parameters and optimizer state (AdamW moments), for an exact resume."""
-        training_api().CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
+        """Parameters and optimizer state (AdamW moments), for an exact resume. ORT reports a failed
+        write as a RuntimeError; it becomes the OSError it stands for (disk full, or the reason given)."""
+        try:
+            with captured_native_stderr():
+                training_api().CheckpointState.save_checkpoint(self.state, os.fspath(path), include_optimizer_state=True)
+        except RuntimeError as exc:
+            raise _write_error(Path(path), exc) from None
 
     def export_inference(self, path: str | Path) -> None:
         """Write an inference model (current weights, logits only, no masks or taps)."""
@@ -121,6 +139,20 @@ def checkpoint_parameters(path: str | Path, names: list[str]) -> dict[str, np.nd
     with captured_native_stderr():
         state = training_api().CheckpointState.load_checkpoint(os.fspath(path))
     return {name: state.parameters[name].data for name in names}
+
+
+def _write_error(path: Path, exc: Exception) -> OSError:
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+    return OSError(errno.EIO, f"the checkpoint could not be written ({reason[:160]})", str(path))
 
 
 def _f32(x: np.ndarray) -> np.ndarray:

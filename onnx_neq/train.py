@@ -8,6 +8,7 @@ Imports no torch: the ORT side goes through ort_runtime, the selectors are numpy
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,10 +19,13 @@ import numpy as np
 
 from .budget import Budget, resolve_budget
 from .data import Dataset, Split, load_dataset, preprocess, select_classes, split_validation
-from .errors import NeqError
+from .default_model import artifacts_with_head, head_change
+from .divergence import DivergenceGuard, non_finite
+from .errors import DivergedError, NeqError, environment_error
 from .evaluate import record_normalization
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, artifacts_fingerprint, read_manifest
 from .run_dir import RunDir, RunState
+from .run_lock import RunLock
 from .schedule import learning_rate
 from .selectors import select_full, select_neq, select_random, select_su, select_velocity, split_by_layer
 from .session import TrainingSession, checkpoint_parameters
@@ -66,8 +70,10 @@ class TrainConfig:
             raise NeqError(f"--selector must be one of {', '.join(SELECTORS)}, not {self.selector!r}")
         if self.init is not None and self.init not in INITS:
             raise NeqError(f"--init must be one of {', '.join(INITS)}, not {self.init!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise NeqError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise NeqError("--epochs must be >= 1 and --batch-size >= 2")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise NeqError(f"--lr must be a finite number above 0, not {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise NeqError("the validation fraction must lie strictly between 0 and 1")
         if self.velocity_images < 1:
@@ -101,33 +107,170 @@ class _Data:
     num_classes: int
 
 
-def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None) -> TrainResult:
-    """Run (or resume) a fine-tuning run into config.out; see TrainConfig for the settings."""
+def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None, overrides: dict | None = None) -> TrainResult:
+    """Run (or resume) a fine-tuning run into config.out; see TrainConfig for the settings.
+
+    `overrides`: the options given explicitly with --resume; only --epochs (and --threads) may differ
+    from the run's stored settings (see _apply_overrides)."""
     progress = progress or (lambda event, info: None)
     run = RunDir(config.out)
     if resume:
-        config = TrainConfig(**run.settings()["config"])
-    else:
-        run.check_new()
+        with RunLock(_existing(run)):
+            return _guarded(run, lambda: _resume(run, config, overrides or {}, progress))
     config.validate()
+    config.artifacts = str(Path(config.artifacts).resolve())
     manifest = read_manifest(config.artifacts)
+    dataset = load_run_dataset(config, manifest)
+    head_note = []
+    if dataset.num_classes != manifest.num_classes:
+        config.artifacts, head_note = str(artifacts_with_head(config.artifacts, dataset.num_classes)), [head_change(manifest, dataset)]
+        manifest = read_manifest(config.artifacts)
+    data = _load_data(config, manifest, dataset)
+    costs, su_mask, budget = _budget(config, manifest)
+    if not run.exists():
+        run.check_new()  # before creating anything; an existing run is reported after the lock (it may be in use)
+    _make_dir(run.path)
+    with RunLock(run.path):
+        run.check_new()  # another process may have started a run here meanwhile
+        settings = _settings(config, manifest, data, budget)
+        return _guarded(run, lambda: _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, head_note))
+
+
+def _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, notes: list[str]) -> TrainResult:
+    run.create(settings)
+    progress("start", _start_info(config, manifest, data, budget, notes))
+    session = TrainingSession(config.artifacts, None, threads=config.threads)
+    return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(RunState(), {})
+
+
+def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress) -> TrainResult:
+    settings = run.settings()
+    config = _stored_config(run, settings)
+    notes = _apply_overrides(run, settings, config, overrides)
+    manifest = read_manifest(config.artifacts)
+    _check_fingerprint(run, settings, config)
     data = _load_data(config, manifest)
-    costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost, np.int64) for layer in manifest.layers])
-    su_mask = _su_mask(config, manifest) if "su" in (config.selector, config.first_epoch_init) else None
-    budget = resolve_budget(config, manifest, costs, su_mask)
-    if not resume:
-        run.create(_settings(config, manifest, data, budget))
-    state, arrays = run.load_state()
-    checkpoint = run.path / state.checkpoint if state.checkpoint else None  # resume from the last finished epoch
+    costs, su_mask, budget = _budget(config, manifest)
+    state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
+    progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
+    checkpoint = run.path / state.checkpoint if state.checkpoint else None
     session = TrainingSession(config.artifacts, checkpoint, threads=config.threads)
     return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(state, arrays)
 
 
-def _load_data(config: TrainConfig, manifest: Manifest) -> _Data:
-    resolution = manifest.input.shape[2]
-    dataset: Dataset = load_dataset(config.data, resolution)
-    if config.classes:
-        dataset = select_classes(dataset, config.classes)
+def _guarded(run: RunDir, body: Callable[[], TrainResult]) -> TrainResult:
+    """Environment failures (disk full, read-only, permissions) as one line with the way to continue."""
+    try:
+        return body()
+    except OSError as exc:
+        hint = (
+            f"fix that, then continue with: onnx-neq train --out {run.path} --resume"
+            if run.exists()
+            else "choose another --out or fix its permissions"
+        )
+        raise environment_error(exc, "write" if not isinstance(exc, FileNotFoundError) else "read", hint) from None
+
+
+def _existing(run: RunDir) -> Path:
+    run.settings()  # a clear error when there is no run to resume
+    return run.path
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise environment_error(exc, "create", "choose another --out") from None
+
+
+def _budget(config: TrainConfig, manifest: Manifest):
+    costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost, np.int64) for layer in manifest.layers])
+    su_mask = _su_mask(config, manifest) if "su" in (config.selector, config.first_epoch_init) else None
+    return costs, su_mask, resolve_budget(config, manifest, costs, su_mask)
+
+
+def _start_info(config, manifest: Manifest, data: _Data, budget: Budget, notes: list[str], resumed_at: int | None = None) -> dict:
+    return {
+        "artifacts": config.artifacts,
+        "source_model": manifest.source_model,
+        "layers": len(manifest.layers),
+        "neurons": manifest.neurons,
+        "num_classes": manifest.num_classes,
+        "data": f"{config.data}{' classes ' + ','.join(map(str, config.classes)) if config.classes else ''}",
+        "sizes": (len(data.train), len(data.val), len(data.test)),
+        "budget": budget,
+        "selector": config.selector,
+        "epochs": config.epochs,
+        "notes": notes + budget.warnings,
+        "resumed_at": resumed_at,
+    }
+
+
+# resume: what may change, and what must not ------------------------------------------------------
+RESUMABLE_CHANGES = {"epochs", "threads"}
+
+
+def _stored_config(run: RunDir, settings: dict) -> TrainConfig:
+    try:
+        return TrainConfig(**settings["config"])
+    except (KeyError, TypeError):
+        raise NeqError(
+            f"{run.path / 'settings.json'} does not hold the settings of an onnx-neq run; start a new run with another --out"
+        ) from None
+
+
+def _apply_overrides(run: RunDir, settings: dict, config: TrainConfig, overrides: dict) -> list[str]:
+    """--epochs extends (or shortens) the schedule explicitly; any other changed option is refused."""
+    changed = {k: v for k, v in overrides.items() if k in asdict(config) and _differs(getattr(config, k), v)}
+    refused = sorted(set(changed) - RESUMABLE_CHANGES)
+    if refused:
+        flags = ", ".join(f"--{k.replace('_', '-')} {changed[k]} (the run has {getattr(config, k)})" for k in refused)
+        raise NeqError(
+            f"--resume continues {run.path} with its stored settings, and only --epochs may change: {flags}; drop the flag, or start a new run with another --out"
+        )
+    notes = []
+    if "epochs" in changed:
+        done = run.load_state().epoch + 1
+        if changed["epochs"] < max(done, 1):
+            raise NeqError(f"--epochs {changed['epochs']} is fewer than the {done} epochs {run.path} has finished")
+        notes.append(
+            f"schedule changed from {config.epochs} to {changed['epochs']} epochs: the learning rate of epochs {done} on follows the new length"
+        )
+        config.epochs = changed["epochs"]
+        settings["config"] = asdict(config)
+        run.write_settings(settings)
+    config.threads = overrides.get("threads", config.threads)
+    return notes
+
+
+def _differs(stored, given) -> bool:
+    if isinstance(stored, float) or isinstance(given, float):
+        return stored is None or given is None or float(stored) != float(given)
+    return stored != given
+
+
+def _check_fingerprint(run: RunDir, settings: dict, config: TrainConfig) -> None:
+    recorded = settings.get("artifacts", {}).get("fingerprint")
+    if recorded and artifacts_fingerprint(config.artifacts) != recorded:
+        raise NeqError(
+            f"the artifacts {config.artifacts} changed since {run.path} started (prepared again?); --resume needs the artifacts the run "
+            f"started with: start a new run with another --out"
+        )
+
+
+def _checkpoint_problem(config: TrainConfig, manifest: Manifest, path: Path) -> str | None:
+    try:
+        params = checkpoint_parameters(
+            path, [p for layer in manifest.layers for p in (layer.weight, layer.bias) if p] + manifest.always_trained
+        )
+    except Exception as exc:  # ORT reads a damaged checkpoint with a C++ error
+        return f"cannot be read ({str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else exc.__class__.__name__})"
+    bad = non_finite(params)
+    return f"holds non-finite weights ({', '.join(bad[:3])})" if bad else None
+
+
+def _load_data(config: TrainConfig, manifest: Manifest, dataset: Dataset | None = None) -> _Data:
+    dataset = dataset or load_run_dataset(config, manifest)
     if dataset.num_classes != manifest.num_classes:
         raise NeqError(
             f"{dataset.name} has {dataset.num_classes} classes but the model's head has {manifest.num_classes}; "
@@ -147,6 +290,11 @@ def _load_data(config: TrainConfig, manifest: Manifest) -> _Data:
     return _Data(train_split, val, dataset.test, velocity_set, dataset.num_classes)
 
 
+def load_run_dataset(config: TrainConfig, manifest: Manifest) -> Dataset:
+    dataset: Dataset = load_dataset(config.data, manifest.input.shape[2])
+    return select_classes(dataset, config.classes) if config.classes else dataset
+
+
 def _prep(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     spec = manifest.input
     return preprocess(images, spec.shape[2], spec.shape[1], spec.mean, spec.std)
@@ -164,6 +312,7 @@ def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budg
     return {
         "config": asdict(config),
         "budget": asdict(budget),
+        "artifacts": {"path": config.artifacts, "fingerprint": artifacts_fingerprint(config.artifacts)},
         "model": {"source": manifest.source_model, "neurons": manifest.neurons, "selectable_params": manifest.selectable_params},
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test), "classes": data.num_classes},
         "onnx_neq_version": __import__("onnx_neq").__version__,
@@ -182,16 +331,26 @@ class _Loop:
 
     def run(self, state: RunState, arrays: dict[str, np.ndarray]) -> TrainResult:
         velocity = self._velocity_state(arrays)
-        if state.checkpoint:
-            self.progress("resume", {"epoch": state.epoch + 1})
+        self.guard = DivergenceGuard(state.reference_loss, self.m.num_classes)
         self.run_dir.truncate_metrics(state.epoch)
         taps = self._taps()  # epoch -1 (pretrained), or the end of the last finished epoch
-        for epoch in range(state.epoch + 1, self.c.epochs):
-            taps, state = self._epoch(epoch, taps, velocity, state)
+        try:
+            for epoch in range(state.epoch + 1, self.c.epochs):
+                taps, state = self._epoch(epoch, taps, velocity, state)
+        except DivergedError as exc:
+            raise DivergedError(f"{exc}; {self._kept(state)}; lower --lr (this run: {self.c.lr:g}) and start a new run") from None
         self._export_best(state)
-        rows = self.run_dir.metrics()
-        test = float(rows[state.best_epoch]["test_top1"]) if rows else float("nan")
+        by_epoch = self.run_dir.metrics_by_epoch()
+        rows = [by_epoch[e] for e in sorted(by_epoch)]
+        test = float(by_epoch[state.best_epoch]["test_top1"]) if state.best_epoch in by_epoch else float("nan")
         return TrainResult(self.run_dir.path, rows, state.best_epoch, state.best_val, test, self.budget, self.budget.warnings)
+
+    def _kept(self, state: RunState) -> str:
+        """After a divergence: what the run keeps (model.onnx from the best epoch before it)."""
+        if state.epoch < 0:
+            return "no epoch finished, so there is no model.onnx"
+        self._export_best(state)
+        return f"epochs 0-{state.epoch} are kept and model.onnx holds the best of them (epoch {state.best_epoch})"
 
     def _velocity_state(self, arrays) -> VelocityState:
         if arrays:
@@ -206,6 +365,8 @@ class _Loop:
         masks = dict(zip(self.names, split_by_layer(selected, self.sizes)))
         self.s.set_masks(masks)
         loss, top1, lr = self._train_epoch(epoch)
+        self.guard.epoch(epoch, loss)
+        DivergenceGuard.weights(epoch, self.s.parameters())
         val, test = self._top1(self.d.val), self._top1(self.d.test)
         tap_start = time.perf_counter()
         new_taps = self._taps()
@@ -253,6 +414,7 @@ class _Loop:
             step = epoch * self.steps_per_epoch + i
             lr = learning_rate(step, self.total_steps, self.c.lr, self.warmup_steps)
             loss, logits = self.s.train_step(_prep(self.m, self.d.train.images[idx]), self.d.train.labels[idx], lr)
+            self.guard.step(epoch, i, loss)
             losses.append(loss * len(idx))
             correct += int((logits.argmax(1) == self.d.train.labels[idx]).sum())
             seen += len(idx)
@@ -271,26 +433,23 @@ class _Loop:
 
     # persistence ----------------------------------------------------------------------------
     def _commit(self, epoch, row, masks, velocity, state: RunState, val: float) -> RunState:
-        ckpt = self.run_dir.checkpoint_path(epoch)
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        self.s.save_checkpoint(tmp)
-        os.replace(tmp, ckpt)
+        """Checkpoint, masks, velocity and metrics of the epoch, then the commit point (run_state.json)."""
+        checkpoint = self.run_dir.write_checkpoint(epoch, self.s.save_checkpoint)
         self.run_dir.save_masks(epoch, masks)
         self.run_dir.save_velocity(epoch, velocity.phi, velocity.velocity)
         self.run_dir.append_metrics(row)
-        rel = str(ckpt.relative_to(self.run_dir.path))
         better = val > state.best_val
-        state = RunState(
-            epoch, epoch if better else state.best_epoch, max(val, state.best_val), rel, rel if better else state.best_checkpoint
-        )
-        self.run_dir.commit(state, velocity.to_arrays())
-        return state
+        state = RunState(epoch, epoch if better else state.best_epoch, max(val, state.best_val), self.guard.reference, state.checkpoints)
+        return self.run_dir.commit(state, checkpoint, velocity.to_arrays())
 
     def _export_best(self, state: RunState) -> None:
         if state.best_checkpoint is None:
             return
         best = TrainingSession(self.c.artifacts, self.run_dir.path / state.best_checkpoint, threads=self.c.threads)
         tmp = self.run_dir.path / ".model.onnx.tmp"
-        best.export_inference(tmp)
-        record_normalization(tmp, self.m.input.mean, self.m.input.std)
-        os.replace(tmp, self.run_dir.path / "model.onnx")
+        try:
+            best.export_inference(tmp)
+            record_normalization(tmp, self.m.input.mean, self.m.input.std)
+            os.replace(tmp, self.run_dir.path / "model.onnx")
+        finally:
+            tmp.unlink(missing_ok=True)

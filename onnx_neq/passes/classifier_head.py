@@ -36,7 +36,7 @@ class ClassifierHeadPass(ir.passes.InPlacePass):
         new_w = self.rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
         _replace(weight, new_w.reshape(self.num_classes, features, *w.shape[2:]) if transposed else new_w.T.copy())
         _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
-        first = node.inputs[0].producer() if node.op_type == "Add" else node  # MatMul + Add: from the MatMul on
+        first = node.inputs[_matmul_input(node)].producer() if node.op_type == "Add" else node  # MatMul + Add: from the MatMul on
         _set_class_dim(first.outputs[0], self.num_classes)
         self.replaced = (old, self.num_classes)
         return ir.passes.PassResult(model, modified=True)
@@ -46,7 +46,7 @@ def _head(graph: ir.Graph) -> ir.Node:
     value = graph.outputs[0]
     while value.producer() is not None and value.producer().op_type in _PASS_THROUGH | {"Add"}:
         node = value.producer()
-        if node.op_type == "Add" and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "MatMul":
+        if node.op_type == "Add" and _matmul_input(node) is not None:
             return node
         value = node.inputs[0]
     node = value.producer()
@@ -55,12 +55,21 @@ def _head(graph: ir.Graph) -> ir.Node:
     return node
 
 
+def _matmul_input(add: ir.Node) -> int | None:
+    """Which input of an Add (0 or 1) a MatMul with a constant weight produces (bias + x @ W is common too)."""
+    for index, value in enumerate(add.inputs[:2]):
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "MatMul" and producer.inputs[1].const_value is not None:
+            return index
+    return None
+
+
 def _weight_and_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, bool]:
     if node.op_type == "Conv":
         weight, bias, transposed = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None, True
     elif node.op_type == "Add":
-        matmul = node.inputs[0].producer()
-        weight, bias, transposed = matmul.inputs[1], node.inputs[1], False
+        index = _matmul_input(node)
+        weight, bias, transposed = node.inputs[index].producer().inputs[1], node.inputs[1 - index], False
     else:
         if node.attributes.get_int("transA", 0):
             raise NeqError(f"--num-classes: Gemm '{node.name}' has transA=1, which onnx-neq does not rewrite")

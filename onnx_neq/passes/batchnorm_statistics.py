@@ -1,0 +1,67 @@
+"""BatchNormStatisticsPass: expose each training-mode BatchNorm's batch statistics as training outputs.
+
+Before:  Y, _, _, mean, inv_std = BatchNormInternal(X, scale, B, running_mean, running_var)
+         outputs: loss, logits, gradients
+After:   the same node; outputs: loss, logits, gradients, mean, inv_std   (one pair per BatchNorm)
+
+ORT's on-device training never updates running statistics (the exporter traced BatchNorm with
+momentum 0). The training loop reads these outputs after each step and updates the running
+statistics on the host as PyTorch's train mode does (momentum 0.1, unbiased batch variance), so
+evaluation uses statistics of the target data. Runs on the training model of generate_artifacts.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+TRAINING_BN = ("BatchNormInternal",)
+
+
+class BatchNormStatisticsPass(ir.passes.InPlacePass):
+    def __init__(self, positions: dict[str, int]):
+        """positions: running_mean initializer name -> H*W of that BatchNorm's input."""
+        super().__init__()
+        self.positions = positions
+        self.stats: list[dict] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.stats = []
+        graph = model.graph
+        for node in graph:
+            if node.op_type not in TRAINING_BN or len(node.outputs) < 5 or len(node.inputs) < 5:
+                continue
+            mean, inv_std = node.outputs[3], node.outputs[4]
+            running_mean, running_var = node.inputs[3].name, node.inputs[4].name
+            if not mean.name or not inv_std.name or running_mean not in self.positions:
+                continue
+            graph.outputs.extend([mean, inv_std])
+            self.stats.append(
+                {
+                    "running_mean": running_mean,
+                    "running_var": running_var,
+                    "batch_mean": mean.name,
+                    "batch_inv_std": inv_std.name,
+                    "epsilon": float(node.attributes["epsilon"].value) if "epsilon" in node.attributes else 1e-5,
+                    "positions": self.positions[running_mean],
+                }
+            )
+        return ir.passes.PassResult(model, modified=bool(self.stats))
+
+
+def training_bn_positions(model) -> dict[str, int]:
+    """running_mean name -> H*W of the input, for every training-mode BatchNormalization of a forward
+    ModelProto (shapes from onnx's shape inference)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    out = {}
+    for node in inferred.graph.node:
+        training = any(a.name == "training_mode" and a.i == 1 for a in node.attribute)
+        shape = shapes.get(node.input[0], [])
+        if node.op_type == "BatchNormalization" and training and len(shape) >= 2 and all(d > 0 for d in shape[2:]):
+            positions = 1
+            for d in shape[2:]:
+                positions *= d
+            out[node.input[3]] = positions
+    return out
