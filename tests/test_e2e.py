@@ -29,7 +29,9 @@ def test_the_design_cards_commands_chain(tmp_path, env):
     fitted to digits, within the budget, and says the budget before the first epoch."""
     _run("export", "resnet18", "-o", "resnet18.onnx", cwd=tmp_path, env=env)
     _run("prepare", "resnet18.onnx", cwd=tmp_path, env=env)
-    result = _run("train", "--budget", "980715", "--data", "digits", "--epochs", "1", "--train-limit", "64", "--out", "run", cwd=tmp_path, env=env)
+    result = _run(
+        "train", "--budget", "980715", "--data", "digits", "--epochs", "1", "--train-limit", "64", "--out", "run", cwd=tmp_path, env=env
+    )
     lines = result.stderr.splitlines()
     budget = next(i for i, line in enumerate(lines) if line.startswith("budget"))
     assert "980,715 of 11,166,912" in lines[budget]
@@ -46,7 +48,22 @@ def test_bn_train_running_statistics_follow_the_data(tmp_path, env):
     statistics it stayed near chance: 0.20 against 0.92)."""
     _run("export", "resnet18", "-o", "r18.onnx", "--resolution", "32", "--num-classes", "10", cwd=tmp_path, env=env)
     _run("prepare", "r18.onnx", "-o", "art", cwd=tmp_path, env=env)
-    _run("train", "art", "--data", "digits", "--selector", "full", "--epochs", "4", "--warmup-epochs", "1", "--out", "run", cwd=tmp_path, env=env)
+    _run(
+        "train",
+        "art",
+        "--data",
+        "digits",
+        "--selector",
+        "full",
+        "--epochs",
+        "4",
+        "--warmup-epochs",
+        "1",
+        "--out",
+        "run",
+        cwd=tmp_path,
+        env=env,
+    )
     with open(tmp_path / "run" / "metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
     train_top1, val_top1 = float(last["train_top1"]), float(last["val_top1"])
