@@ -1,0 +1,111 @@
+"""ConvGrad(dY, X, W) -> dX, dW, dB in standard ONNX.
+
+dX: ConvTranspose(dY, W) with the forward strides/pads/dilations/group and an output_padding that
+    restores X's spatial size (ORT's ConvGrad computes the same col2im sum).
+dW: Conv with the roles swapped (X as input with the batch as channel axis, dY as weight, strides and
+    dilations exchanged), transposed and sliced to the kernel size; grouped and depthwise convs keep
+    `group` (the batch folds into each group's channels, so nothing depends on the batch size). A
+    1x1/stride-1/unpadded conv is a batched MatMul. (Measured on the shipped MobileNetV2, batch 32,
+    1 thread: this form 45.8 ms per step vs 55.8 ms for an im2col of kh*kw Slices + MatMul; ORT 47.2 ms.)
+dB: ReduceSum(dY) over batch and spatial axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import NeqError
+from .builder import Builder
+
+
+def conv_geometry(b: Builder, x_spatial: list[int], kernel: list[int]):
+    """(strides, dilations, pads_begin, pads_end, out_spatial) of the forward Conv, auto_pad resolved."""
+    r = len(kernel)
+    strides = list(b.attr("strides") or [1] * r)
+    dilations = list(b.attr("dilations") or [1] * r)
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    auto_pad = b.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET":
+        pads = list(b.attr("pads") or [0] * (2 * r))
+        begin, end = pads[:r], pads[r:]
+    elif auto_pad == "VALID":
+        begin, end = [0] * r, [0] * r
+    else:  # SAME_UPPER / SAME_LOWER
+        total = [max((math.ceil(i / s) - 1) * s + e - i, 0) for i, s, e in zip(x_spatial, strides, extent)]
+        small = [t // 2 for t in total]
+        big = [t - t // 2 for t in total]
+        begin, end = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    out = [(i + pb + pe - e) // s + 1 for i, pb, pe, e, s in zip(x_spatial, begin, end, extent, strides)]
+    return strides, dilations, begin, end, out
+
+
+def lower_conv_grad(b: Builder) -> None:
+    """ConvGrad(dY, X, W) -> ConvTranspose(dY, W), Conv(X^T, dY^T)^T[..k] (or MatMul for 1x1), ReduceSum(dY)."""
+    dy, x, w = b.input(0), b.input(1), b.input(2)
+    w_shape = b.static_dims(w)
+    x_spatial = b.static_dims(x, 2)
+    kernel = list(b.attr("kernel_shape") or w_shape[2:])
+    if len(x_spatial) != len(kernel):
+        raise NeqError(f"ConvGrad node {b.node.name!r}: X has {len(x_spatial)} spatial dims but the kernel {kernel}")
+    group = b.attr("group", 1)
+    strides, dilations, begin, end, out = conv_geometry(b, x_spatial, kernel)
+    if b.output(0):
+        _dx(b, dy, w, x_spatial, kernel, strides, dilations, begin, end, out, group)
+    if b.output(1):
+        _dw(b, dy, x, w_shape, kernel, strides, dilations, begin, end, out, group)
+    if b.output(2):
+        axes = [0] + list(range(2, 2 + len(kernel)))
+        b.op("ReduceSum", [dy, b.const(axes)], [b.output(2)], keepdims=0)
+
+
+def _dx(b: Builder, dy, w, x_spatial, kernel, strides, dilations, begin, end, out, group) -> None:
+    """dX = ConvTranspose(dY, W) cropped by the forward pads, padded at the end to X's size."""
+    full = [s * (o - 1) + (k - 1) * d + 1 - pb - pe for s, o, k, d, pb, pe in zip(strides, out, kernel, dilations, begin, end)]
+    output_padding = [i - f for i, f in zip(x_spatial, full)]
+    b.op(
+        "ConvTranspose",
+        [dy, w],
+        [b.output(0)],
+        strides=strides,
+        dilations=dilations,
+        pads=begin + end,
+        group=group,
+        kernel_shape=kernel,
+        output_padding=output_padding if any(output_padding) else None,
+    )
+
+
+def _dw(b: Builder, dy, x, w_shape, kernel, strides, dilations, begin, end, out, group) -> None:
+    """dW: a MatMul for 1x1/stride-1/unpadded convs, else the correlation of X with dY as one Conv (roles swapped)."""
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(begin + end):
+        _dw_pointwise(b, dy, x, w_shape, group)
+    else:
+        _dw_swapped(b, dy, x, w_shape, kernel, strides, dilations, begin, end, out, group)
+
+
+def _dw_pointwise(b: Builder, dy, x, w_shape, group) -> None:
+    """dW[g, co, ci] = sum_n dY[n, g, co, :] @ X[n, g, ci, :]^T: batched MatMul, ReduceSum over the batch."""
+    c_out, c_in_g = w_shape[0], w_shape[1]
+    dy_r = b.op("Reshape", [dy, b.const([0, group, c_out // group, -1])])  # [N, G, Cog, L]
+    x_r = b.op("Reshape", [x, b.const([0, group, c_in_g, -1])])  # [N, G, Cig, L]
+    mm = b.op("MatMul", [dy_r, b.op("Transpose", [x_r], perm=[0, 1, 3, 2])])  # [N, G, Cog, Cig]
+    summed = b.op("ReduceSum", [mm, b.const([0])], keepdims=0)
+    b.op("Reshape", [summed, b.const(list(w_shape))], [b.output(1)])
+
+
+def _dw_swapped(b: Builder, dy, x, w_shape, kernel, strides, dilations, begin, end, out, group) -> None:
+    """dW = Slice(Conv(X', dY', group=G, strides=dilations, dilations=strides)^T, kernel): the batch becomes the
+    reduced channel axis. X' = X as [Cig, G*N, *spatial], dY' = dY as [C_out, N, *out]; output [Cig, C_out, k' >= k]."""
+    r = len(kernel)
+    c_out, c_in_g = w_shape[0], w_shape[1]
+    spatial_axes = list(range(2, 2 + r))
+    x_spatial = b.static_dims(x, 2)
+    x_r = b.op("Reshape", [x, b.const([0, group, c_in_g, -1])])  # [N, G, Cig, HW]
+    x_t = b.op("Transpose", [x_r], perm=[2, 1, 0, 3])  # [Cig, G, N, HW]
+    x_in = b.op("Reshape", [x_t, b.const([c_in_g, -1] + x_spatial)])  # [Cig, G*N, *spatial]
+    dy_r = b.op("Reshape", [dy, b.const([0, group, c_out // group, -1])])  # [N, G, Cog, L]
+    dy_t = b.op("Transpose", [dy_r], perm=[1, 2, 0, 3])  # [G, Cog, N, L]
+    weight = b.op("Reshape", [dy_t, b.const([c_out, -1] + out)])  # [C_out, N, *out]
+    conv = b.op("Conv", [x_in, weight], strides=dilations, dilations=strides, pads=begin + end, group=group)
+    dw = b.op("Transpose", [conv], perm=[1, 0] + spatial_axes)  # [C_out, Cig, k']
+    b.op("Slice", [dw, b.const([0] * r), b.const(kernel), b.const(spatial_axes)], [b.output(1)])
