@@ -1,0 +1,1 @@
+"""Training backends: the host-side pieces of the portable (stock onnxruntime) backend."""
