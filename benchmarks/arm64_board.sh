@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# arm64_board.sh - an emulated aarch64 Linux "edge board" for onnx-neq.
+#
+# What it does
+#   Builds, on a Debian bookworm x86_64 host, a user-mode emulated aarch64 board:
+#     * qemu-user-static from bookworm-backports (QEMU 10; bookworm's own QEMU 7.2
+#       segfaults while importing onnxruntime), installed with apt;
+#     * a Debian bookworm arm64 userland (python3.11 and its libs), made with
+#       `debootstrap --foreign --variant=minbase --include=python3` whose downloaded
+#       .debs are then unpacked into the tree (the foreign second stage is not run);
+#     * a "site" directory of aarch64 wheels (stock onnxruntime, numpy, click; no
+#       onnxruntime-training), installed with the host's pip for
+#       --platform manylinux_2_28_aarch64 --python-version 3.11;
+#   and runs the arm64 python3.11 under qemu-aarch64 with the site and this
+#   repository's root on PYTHONPATH (working directory preserved).
+#
+# Usage
+#   benchmarks/arm64_board.sh setup            build (or check) qemu, userland, site
+#   benchmarks/arm64_board.sh python ARGS...   run the board's python3.11 with ARGS, e.g.
+#       benchmarks/arm64_board.sh python -m onnx_neq.cli train --backend portable ...
+#   benchmarks/arm64_board.sh check            smoke test: platform.machine() must be aarch64;
+#                                              a Conv+ConvTranspose+MatMul model built on the host
+#                                              is run by the board's onnxruntime and the host's
+#                                              onnxruntime; outputs must agree to 1e-5 (relative);
+#                                              prints PASS/FAIL (exit status 0/1)
+#   benchmarks/arm64_board.sh info             print paths and versions
+#
+# Cache
+#   Everything lives under ${ONNX_NEQ_BOARD_DIR:-$HOME/.cache/onnx-neq/arm64-board}:
+#     rootfs/   the arm64 userland      (marker rootfs/.onnx-neq-userland-done)
+#     site/     the aarch64 wheels      (marker site/.onnx-neq-site-<hash of the wheel list>;
+#               a non-default wheel list gets its own site-<hash>/)
+#   Re-running skips finished steps; delete a directory (or its marker) to rebuild it.
+#   Building needs root (apt-get, debootstrap); running an already built board does not.
+#
+# Time (measured on a 2-core x86_64 bookworm VM, deb.debian.org and PyPI reachable):
+#   first `setup`: ~45 s (apt update + qemu 10 s, debootstrap 21 s, unpacking 110 .debs 3 s,
+#   wheels 7 s; ~225 MB userland + ~136 MB site); a later `setup`: <0.1 s;
+#   `check`: ~10 s (mostly importing onnxruntime under emulation). Emulation cost, measured:
+#   a pure-python loop ~16x and float32 numpy matmul ~50x slower than natively;
+#   `import onnx_neq.train` (with onnx + onnx-ir in the site) ~12 s.
+#
+# Notes
+#   * qemu -L: the guest sees the host's filesystem, except that a path which exists under
+#     rootfs/ (e.g. /etc/..., /usr/...) is the board's. rootfs/tmp, /root, /home are empty, so
+#     the host's files there (and the current directory) are visible as usual.
+#   * No binfmt_misc registration is assumed: the guest cannot exec aarch64 programs
+#     (subprocess.run([sys.executable, ...]) from the board fails); run python in-process.
+#   * The board's onnxruntime prints "cpuid_info warning: Unknown CPU vendor" once; harmless.
+#
+# Environment
+#   ONNX_NEQ_BOARD_DIR           cache directory (see above)
+#   ONNX_NEQ_BOARD_MIRROR        Debian mirror for debootstrap/backports
+#                                (default: the deb.debian.org-style mirror in /etc/apt/sources.list*)
+#   ONNX_NEQ_BOARD_WHEELS        wheels for the site (default: "onnxruntime numpy click")
+#   ONNX_NEQ_BOARD_EXTRA_WHEELS  more wheels appended to that list (e.g. "onnx==1.17.0 onnx-ir==1.1.0")
+#   PYTHON                       host python with pip, onnx, onnxruntime(-training) (default: python3)
+#
+# Adding a subcommand: call ensure_board (or the ensure_* steps) and then
+# `board_python ARGS...` (runs in the current directory) next to host-side `"$PYTHON" ...`.
+
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+BOARD_DIR="${ONNX_NEQ_BOARD_DIR:-${HOME:-/root}/.cache/onnx-neq/arm64-board}"
+ROOTFS="$BOARD_DIR/rootfs"
+SUITE=bookworm
+BOARD_PY=python3.11
+BOARD_PY_VERSION=3.11
+QEMU_MIN_MAJOR=8
+PYTHON="${PYTHON:-python3}"
+DEFAULT_WHEELS="onnxruntime numpy click"
+BOARD_WHEELS=$(printf '%s %s' "${ONNX_NEQ_BOARD_WHEELS:-$DEFAULT_WHEELS}" "${ONNX_NEQ_BOARD_EXTRA_WHEELS:-}" \
+    | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//')  # one space between requirements
+QEMU=""
+CLEANUP_DIRS=()
+cleanup() { local d; for d in "${CLEANUP_DIRS[@]}"; do rm -rf "$d"; done; }
+trap cleanup EXIT
+
+T0=$SECONDS
+log() { printf '[arm64-board %4ds] %s\n' "$((SECONDS - T0))" "$*" >&2; }
+die() { printf 'arm64_board.sh: error: %s\n' "$*" >&2; exit 2; }
+
+need_root() {  # need_root WHAT
+    [[ $(id -u) -eq 0 ]] || die "$1 needs root (apt-get/debootstrap); re-run as root: sudo $0 setup"
+}
+
+need_apt() {
+    if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+        die "apt-get/dpkg not found: this script needs a Debian (bookworm) host"
+    fi
+}
+
+# The Debian archive mirror the host already uses (not the security one).
+debian_mirror() {
+    if [[ -n ${ONNX_NEQ_BOARD_MIRROR:-} ]]; then echo "${ONNX_NEQ_BOARD_MIRROR%/}"; return; fi
+    local f uri=""
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] || continue
+        uri=$(grep -hE '^[[:space:]]*(URIs:|deb[[:space:]])' "$f" \
+            | sed -E 's/^[[:space:]]*(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?//' | tr ' ' '\n' \
+            | grep -E '^(https?|file)://[^ ]*/debian/?$' | head -n1 || true)
+        [[ -n $uri ]] && break
+    done
+    uri=${uri:-http://deb.debian.org/debian}
+    echo "${uri%/}"
+}
+
+apt_install() {  # apt_install [apt-get install options] PKG... ; returns apt-get's status
+    need_root "installing $*"
+    need_apt
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >"$BOARD_DIR/apt.log" 2>&1
+}
+
+apt_update() {
+    # Other (third-party) sources may be unreachable here; a partial update is fine as long
+    # as the install that follows finds its packages.
+    DEBIAN_FRONTEND=noninteractive apt-get update >"$BOARD_DIR/apt-update.log" 2>&1 \
+        || log "warning: apt-get update reported errors (log: $BOARD_DIR/apt-update.log); trying anyway"
+}
+
+qemu_binary() {  # prints the path of a usable qemu-aarch64 (static) or nothing
+    local q
+    for q in qemu-aarch64-static qemu-aarch64; do
+        command -v "$q" 2>/dev/null && return 0
+    done
+    return 0
+}
+
+qemu_major() {  # qemu_major BINARY
+    "$1" --version 2>/dev/null | sed -nE '1s/.*version ([0-9]+)\..*/\1/p'
+}
+
+ensure_qemu() {
+    local q major
+    q=$(qemu_binary)
+    if [[ -n $q ]]; then
+        major=$(qemu_major "$q")
+        if [[ -n $major && $major -ge $QEMU_MIN_MAJOR ]]; then QEMU=$q; return 0; fi
+        log "found $q (QEMU ${major:-?}), need >= $QEMU_MIN_MAJOR (QEMU 7.2 segfaults in onnxruntime)"
+    fi
+    need_root "installing qemu-user-static"
+    need_apt
+    local codename
+    codename=$(sed -nE 's/^VERSION_CODENAME="?([^"]*)"?$/\1/p' /etc/os-release 2>/dev/null || true)
+    [[ $codename == "$SUITE" ]] || die "host is '${codename:-unknown}', not Debian $SUITE: install QEMU >= $QEMU_MIN_MAJOR user-mode (qemu-aarch64-static) yourself"
+    if ! grep -rqsE "^[^#]*$SUITE-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        local mirror
+        mirror=$(debian_mirror)
+        log "adding deb $mirror $SUITE-backports main to /etc/apt/sources.list.d/onnx-neq-backports.list"
+        echo "deb $mirror $SUITE-backports main" >/etc/apt/sources.list.d/onnx-neq-backports.list
+    fi
+    log "apt-get update"
+    apt_update
+    log "apt-get install -t $SUITE-backports qemu-user-static"
+    apt_install -t "$SUITE-backports" qemu-user-static \
+        || die "apt-get install -t $SUITE-backports qemu-user-static failed (log: $BOARD_DIR/apt.log)"
+    q=$(qemu_binary)
+    [[ -n $q ]] || die "qemu-user-static installed but no qemu-aarch64(-static) on PATH"
+    major=$(qemu_major "$q")
+    [[ -n $major && $major -ge $QEMU_MIN_MAJOR ]] || die "$q is QEMU ${major:-?}, need >= $QEMU_MIN_MAJOR"
+    QEMU=$q
+    log "qemu: $("$QEMU" --version | head -n1)"
+}
+
+ensure_userland() {
+    local marker="$ROOTFS/.onnx-neq-userland-done"
+    [[ -f $marker && -x $ROOTFS/usr/bin/$BOARD_PY ]] && return 0
+    need_root "building the arm64 userland"
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        log "apt-get install debootstrap"
+        apt_install debootstrap || { apt_update; apt_install debootstrap; } \
+            || die "apt-get install debootstrap failed (log: $BOARD_DIR/apt.log)"
+    fi
+    local mirror tmp
+    mirror=$(debian_mirror)
+    tmp="$ROOTFS.partial"
+    rm -rf "$tmp"
+    log "debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 $SUITE ($mirror)"
+    debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 "$SUITE" "$tmp" "$mirror" \
+        >"$BOARD_DIR/debootstrap.log" 2>&1 || die "debootstrap failed (log: $BOARD_DIR/debootstrap.log)"
+    local debs=("$tmp"/var/cache/apt/archives/*.deb) deb n=0
+    [[ -e ${debs[0]} ]] || die "debootstrap downloaded no .debs into $tmp/var/cache/apt/archives"
+    log "unpacking ${#debs[@]} .debs into the userland (instead of the foreign second stage)"
+    for deb in "${debs[@]}"; do
+        # like `dpkg -x`, but keep the merged-/usr symlinks (/lib -> usr/lib, /bin -> usr/bin)
+        dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink --no-same-owner -C "$tmp" \
+            || die "unpacking $deb failed"
+        n=$((n + 1))
+    done
+    [[ -x $tmp/usr/bin/$BOARD_PY ]] || die "no usr/bin/$BOARD_PY in the unpacked userland"
+    rm -f "$tmp"/var/cache/apt/archives/*.deb
+    rm -rf "$ROOTFS"
+    mv "$tmp" "$ROOTFS"
+    date -u +%FT%TZ >"$marker"
+    log "userland ready: $ROOTFS ($(du -sh "$ROOTFS" | cut -f1))"
+}
+
+site_hash() {
+    printf '%s|%s|%s' "$BOARD_WHEELS" "$BOARD_PY_VERSION" "manylinux_2_28_aarch64" | sha256sum | cut -c1-12
+}
+# The default wheel list lives in site/, any other list in its own site-<hash>/ (so both stay cached).
+if [[ $BOARD_WHEELS == "$DEFAULT_WHEELS" ]]; then SITE="$BOARD_DIR/site"; else SITE="$BOARD_DIR/site-$(site_hash)"; fi
+
+ensure_site() {
+    local marker
+    marker="$SITE/.onnx-neq-site-$(site_hash)"
+    [[ -f $marker ]] && return 0
+    "$PYTHON" -m pip --version >/dev/null 2>&1 || die "host '$PYTHON -m pip' is not available (set PYTHON=...)"
+    local tmp="$SITE.partial"
+    rm -rf "$tmp"
+    local wheels
+    read -r -a wheels <<<"$BOARD_WHEELS"
+    log "pip install --target ${SITE##*/} (aarch64, cp311): $BOARD_WHEELS"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+        --target "$tmp" --only-binary=:all: \
+        --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+        --implementation cp --python-version "$BOARD_PY_VERSION" --abi cp311 \
+        "${wheels[@]}" >"$BOARD_DIR/pip.log" 2>&1 || die "pip install of aarch64 wheels failed (log: $BOARD_DIR/pip.log)"
+    rm -rf "$SITE"
+    mv "$tmp" "$SITE"
+    # pip --target writes dist-info dirs; record the list for humans
+    local d
+    for d in "$SITE"/*.dist-info; do d=${d##*/}; echo "${d%.dist-info}"; done >"$SITE/.wheels"
+    date -u +%FT%TZ >"$marker"
+    log "site ready: $SITE ($(tr '\n' ' ' <"$SITE/.wheels"))"
+}
+
+ensure_board() {
+    mkdir -p "$BOARD_DIR"
+    exec 9>"$BOARD_DIR/.lock"
+    flock 9  # one builder at a time
+    ensure_qemu
+    ensure_userland
+    ensure_site
+    flock -u 9
+}
+
+# board_python ARGS... : the board's python3.11 under qemu, in the current directory.
+# The host environment passes through to the guest (as qemu-user does) minus the host's
+# Python settings; PYTHONPATH is the repository root and then the wheel site.
+board_python() {
+    [[ -n $QEMU ]] || QEMU=$(qemu_binary)
+    [[ -n $QEMU && -x $ROOTFS/usr/bin/$BOARD_PY && -d $SITE ]] || die "board not built; run: $0 setup"
+    env -u PYTHONHOME -u PYTHONSTARTUP -u VIRTUAL_ENV -u PYTHONUSERBASE -u LD_LIBRARY_PATH -u LD_PRELOAD \
+        PYTHONPATH="$REPO_ROOT:$SITE" PYTHONNOUSERSITE=1 \
+        "$QEMU" -L "$ROOTFS" "$ROOTFS/usr/bin/$BOARD_PY" "$@"
+}
+
+cmd_setup() {
+    local t=$SECONDS
+    ensure_board
+    log "setup done in $((SECONDS - t)) s: $BOARD_DIR"
+}
+
+cmd_info() {
+    ensure_board
+    echo "board dir: $BOARD_DIR"
+    echo "qemu:      $QEMU ($("$QEMU" --version | head -n1))"
+    echo "python:    $ROOTFS/usr/bin/$BOARD_PY ($(board_python -c 'import sys; print(sys.version.split()[0])'))"
+    echo "site:      $SITE ($(tr '\n' ' ' <"$SITE/.wheels"))"
+}
+
+cmd_check() {
+    local t=$SECONDS
+    ensure_board
+    local work
+    work=$(mktemp -d "${TMPDIR:-/tmp}/onnx-neq-arm64-check.XXXXXX")
+    CLEANUP_DIRS+=("$work")
+    local check_py="$SCRIPT_DIR/arm64_board_check.py"
+    log "host: building the model and running it on the host's onnxruntime"
+    (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$check_py" host "$work")
+    log "board: running it on the board's onnxruntime (under qemu)"
+    board_python "$check_py" board "$work"
+    log "comparing"
+    local rc=0
+    "$PYTHON" "$check_py" compare "$work" || rc=$?
+    log "check done in $((SECONDS - t)) s"
+    return "$rc"
+}
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -n '/^# Usage/,/^# Cache/p' | sed '$d; s/^# \{0,1\}//' >&2; }
+
+main() {
+    local cmd="${1:-}"
+    [[ $# -gt 0 ]] && shift
+    case "$cmd" in
+        setup) cmd_setup ;;
+        python)
+            [[ -f $ROOTFS/.onnx-neq-userland-done && -f $SITE/.onnx-neq-site-$(site_hash) ]] || ensure_board
+            board_python "$@"
+            ;;
+        check) cmd_check ;;
+        info) cmd_info ;;
+        -h | --help | help) usage ;;
+        *) usage; die "unknown subcommand '${cmd}' (setup | python ARGS... | check | info)" ;;
+    esac
+}
+
+main "$@"
