@@ -34,6 +34,8 @@ FILES = {
     "eval_model": "eval_model.onnx",
     "optimizer_model": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
+    "portable_training_model": "portable_training_model.onnx",
+    "parameters": "parameters.npz",
 }
 
 
@@ -65,7 +67,25 @@ def generate(
     training = _rewrite(directory / FILES["training_model"], [masks, stats])
     taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
     _rewrite(directory / FILES["eval_model"], [bn, taps])
+    _write_portable(directory, [name for s in stats.stats for name in (s["batch_mean"], s["batch_inv_std"])])
     return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed, stats.stats)
+
+
+def _write_portable(directory: Path, keep_outputs: list[str]) -> None:
+    """The lowered (standard-ONNX) training graph and every parameter of the checkpoint as .npz,
+    for the portable backend on stock onnxruntime."""
+    import numpy as np
+
+    from .lowering import lower_training_model
+    from .ort_runtime import training_api
+
+    lowered, _ = lower_training_model(onnx.load(str(directory / FILES["training_model"])), keep_outputs=keep_outputs)
+    onnx.save(lowered, str(directory / FILES["portable_training_model"]))
+    with captured_native_stderr():
+        state = training_api().CheckpointState.load_checkpoint(str(directory / FILES["checkpoint"]))
+        params = {name: np.array(p.data) for name, p in state.parameters}
+    with open(directory / FILES["parameters"], "wb") as f:
+        np.savez(f, **params)
 
 
 def _optimizer_block(optimizer: str, weight_decay: float):

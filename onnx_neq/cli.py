@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .backends.base import BACKENDS
 from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
 
 
@@ -123,13 +124,14 @@ def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, see
 @click.argument("artifacts_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Inference ONNX file to write.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint to take the weights from (default: the artifacts' own).")
-def export_inference(artifacts_dir, output, checkpoint) -> None:
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="Backend whose checkpoint format --checkpoint has.")
+def export_inference(artifacts_dir, output, checkpoint, backend) -> None:
     """Write an inference model (logits only: no masks, no taps, no loss) from artifacts."""
-    from .session import TrainingSession
+    from .backends.base import open_backend
 
     if checkpoint is not None and not checkpoint.exists():
         raise NeqError(f"checkpoint {checkpoint} does not exist")
-    session = TrainingSession(artifacts_dir, checkpoint)
+    session = open_backend(backend, artifacts_dir, checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
     session.export_inference(output)
     click.echo(f"wrote {output}")
@@ -151,6 +153,12 @@ def _recipe_options(command):
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True),
         click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores)."),
+        click.option(
+            "--backend",
+            type=click.Choice(list(BACKENDS)),
+            default=None,
+            help="ort-training (onnxruntime-training) or portable (stock onnxruntime) [default: ort-training where installed].",
+        ),
         click.option(
             "--train-limit",
             type=click.IntRange(min=2),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import default_backend, open_backend, read_parameters
 from .budget import Budget, resolve_budget
 from .data import Dataset, Split, load_dataset, preprocess, select_classes, split_validation
 from .default_model import artifacts_with_head, head_change
@@ -28,7 +29,6 @@ from .run_dir import RunDir, RunState
 from .run_lock import RunLock
 from .schedule import learning_rate
 from .selectors import select_full, select_neq, select_random, select_su, select_velocity, split_by_layer
-from .session import TrainingSession, checkpoint_parameters
 from .su_schemes import load_su_scheme
 from .velocity import VelocityState, layer_phi
 
@@ -64,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
     train_limit: int | None = None  # use a fixed stratified subset of this many training images
+    backend: str | None = None  # ort-training | portable (default: ort-training where it is installed)
 
     def validate(self) -> None:
         if self.selector not in SELECTORS:
@@ -119,6 +120,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
             return _guarded(run, lambda: _resume(run, config, overrides or {}, progress))
     config.validate()
     config.artifacts = str(Path(config.artifacts).resolve())
+    config.backend = config.backend or default_backend()
     manifest = read_manifest(config.artifacts)
     dataset = load_run_dataset(config, manifest)
     head_note = []
@@ -139,13 +141,14 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
 def _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, notes: list[str]) -> TrainResult:
     run.create(settings)
     progress("start", _start_info(config, manifest, data, budget, notes))
-    session = TrainingSession(config.artifacts, None, threads=config.threads)
+    session = open_backend(config.backend, config.artifacts, None, threads=config.threads)
     return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(RunState(), {})
 
 
 def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress) -> TrainResult:
     settings = run.settings()
     config = _stored_config(run, settings)
+    config.backend = config.backend or "ort-training"  # runs from before the portable backend
     notes = _apply_overrides(run, settings, config, overrides)
     manifest = read_manifest(config.artifacts)
     _check_fingerprint(run, settings, config)
@@ -154,7 +157,7 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
     progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     checkpoint = run.path / state.checkpoint if state.checkpoint else None
-    session = TrainingSession(config.artifacts, checkpoint, threads=config.threads)
+    session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads)
     return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(state, arrays)
 
 
@@ -260,8 +263,8 @@ def _check_fingerprint(run: RunDir, settings: dict, config: TrainConfig) -> None
 
 def _checkpoint_problem(config: TrainConfig, manifest: Manifest, path: Path) -> str | None:
     try:
-        params = checkpoint_parameters(
-            path, [p for layer in manifest.layers for p in (layer.weight, layer.bias) if p] + manifest.always_trained
+        params = read_parameters(
+            config.backend, path, [p for layer in manifest.layers for p in (layer.weight, layer.bias) if p] + manifest.always_trained
         )
     except Exception as exc:  # ORT reads a damaged checkpoint with a C++ error
         return f"cannot be read ({str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else exc.__class__.__name__})"
@@ -303,9 +306,16 @@ def _prep(manifest: Manifest, images: np.ndarray) -> np.ndarray:
 def _su_mask(config: TrainConfig, manifest: Manifest) -> np.ndarray:
     """Static: from the pretrained weights in the artifacts' checkpoint, also when resuming."""
     scheme = load_su_scheme(config.su_scheme, manifest, config.budget, config.budget_ratio)
-    weights = checkpoint_parameters(Path(config.artifacts) / manifest.files["checkpoint"], [layer.weight for layer in manifest.layers])
+    weights = initial_parameters(config.artifacts, manifest, [layer.weight for layer in manifest.layers])
     norms = [np.linalg.norm(weights[layer.weight].reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
     return select_su(norms, scheme)
+
+
+def initial_parameters(artifacts: str | Path, manifest: Manifest, names: list[str]) -> dict[str, np.ndarray]:
+    """Pretrained parameters from the artifacts (the portable .npz where prepare wrote one)."""
+    if "parameters" in manifest.files and (Path(artifacts) / manifest.files["parameters"]).exists():
+        return read_parameters("portable", Path(artifacts) / manifest.files["parameters"], names)
+    return read_parameters("ort-training", Path(artifacts) / manifest.files["checkpoint"], names)
 
 
 def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budget) -> dict:
@@ -445,7 +455,7 @@ class _Loop:
     def _export_best(self, state: RunState) -> None:
         if state.best_checkpoint is None:
             return
-        best = TrainingSession(self.c.artifacts, self.run_dir.path / state.best_checkpoint, threads=self.c.threads)
+        best = open_backend(self.c.backend, self.c.artifacts, self.run_dir.path / state.best_checkpoint, threads=self.c.threads)
         tmp = self.run_dir.path / ".model.onnx.tmp"
         try:
             best.export_inference(tmp)

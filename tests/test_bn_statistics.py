@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from onnx_neq.session import TrainingSession
+from onnx_neq.backends.ort_training import TrainingSession
 
 torch = pytest.importorskip("torch")
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.cli import main
 from onnx_neq.run_dir import RunDir
-from onnx_neq.session import TrainingSession
 from onnx_neq.train import TrainConfig, train
 
 TIMING = {"epoch_seconds", "selection_seconds"}

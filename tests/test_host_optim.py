@@ -44,7 +44,7 @@ def _param_masks(session, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 def _run_both(art_dir, host, masks=None):
     """train_step on the ORT backend and host.step on copies; yields both parameter sets per step."""
-    from onnx_neq.session import TrainingSession
+    from onnx_neq.backends.ort_training import TrainingSession
 
     session = TrainingSession(art_dir)
     if masks:
@@ -95,7 +95,7 @@ def test_adamw_numpy_sqrt_within_1e6(frozen_bn_artifacts):
 def test_adamw_masks_match_ort_backend(frozen_bn_artifacts):
     """Half the channels of every layer frozen: the ORT backend (masked gradients, restored
     weights) and the host step agree bit for bit, and frozen rows never change."""
-    from onnx_neq.session import TrainingSession
+    from onnx_neq.backends.ort_training import TrainingSession
 
     layers = TrainingSession(frozen_bn_artifacts["adamw"]).manifest.layers
     masks = {layer.name: (np.arange(layer.out_channels) % 2).astype(np.float32) for layer in layers}

@@ -17,7 +17,7 @@ sys.meta_path.insert(0, _NoTorch())
 
 TRAIN_STEP = """
 import numpy as np
-from onnx_neq.session import TrainingSession
+from onnx_neq.backends.ort_training import TrainingSession
 s = TrainingSession(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
 loss, _ = s.train_step(x, np.array([0, 1, 2, 3]), 0.1)

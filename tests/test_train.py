@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx_neq.backends.base import open_backend
+from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.manifest import read_manifest
 from onnx_neq.run_dir import RunDir
-from onnx_neq.session import TrainingSession
 from onnx_neq.train import TrainConfig, train
 
 TIMING = {"epoch_seconds", "selection_seconds"}
@@ -127,14 +128,14 @@ def test_random_selection_reproducible_for_a_seed(tiny_artifacts, tmp_path):
     assert not all(np.array_equal(masks[0][k], masks[2][k]) for k in masks[0])
 
 
-def _same_run(a: RunDir, b: RunDir, artifacts) -> None:
+def _same_run(a: RunDir, b: RunDir, artifacts, backend: str = "ort-training") -> None:
     rows_a, rows_b = a.metrics(), b.metrics()
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == [
         {k: v for k, v in r.items() if k not in TIMING} for r in rows_b
     ]
     state_a, state_b = a.load_state(), b.load_state()
-    params_a = TrainingSession(artifacts, a.path / state_a.checkpoint).parameters()
-    params_b = TrainingSession(artifacts, b.path / state_b.checkpoint).parameters()
+    params_a = open_backend(backend, artifacts, a.path / state_a.checkpoint).parameters()
+    params_b = open_backend(backend, artifacts, b.path / state_b.checkpoint).parameters()
     assert params_a.keys() == params_b.keys()
     assert all(np.array_equal(params_a[k], params_b[k]) for k in params_a)
     assert (a.path / "model.onnx").read_bytes() == (b.path / "model.onnx").read_bytes()
@@ -159,7 +160,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_neq.cli", *args]
 
 
-def test_killed_process_resumes_to_the_same_result(tiny_artifacts, tmp_path):
+@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_path):
     """SIGKILL the real command after 3 of its 30 epochs (an epoch is most of the time, so almost
     surely in the middle of one), resume, compare with an uninterrupted run."""
     args = [
@@ -172,6 +174,8 @@ def test_killed_process_resumes_to_the_same_result(tiny_artifacts, tmp_path):
         "4",
         "--warmup-epochs",
         "1",
+        "--backend",
+        backend,
     ]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "straight")), check=True, capture_output=True, timeout=600)
     proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -184,7 +188,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_artifacts, tmp_path):
     assert 3 <= len(RunDir(tmp_path / "killed").metrics()) < 30
     resumed = subprocess.run(_cli("train", "--out", str(tmp_path / "killed"), "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "killed"), tiny_artifacts)
+    _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "killed"), tiny_artifacts, backend)
 
 
 def test_train_command_never_imports_torch(tiny_artifacts, tmp_path):

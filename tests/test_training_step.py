@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from onnx_neq.backends.base import open_backend
+from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.export import export
 from onnx_neq.prepare import prepare
-from onnx_neq.session import TrainingSession
 
 
 def _torch_sgd_step(
@@ -33,10 +34,13 @@ def _torch_sgd_step(
     return loss.item(), {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def _check_sgd_step_matches_torch(artifacts, torch_model, x, y, lr=0.05, frozen_bn=False):
+BACKENDS = ["ort-training", "portable"]
+
+
+def _check_sgd_step_matches_torch(backend, artifacts, torch_model, x, y, lr=0.05, frozen_bn=False):
     """Loss within relative 1e-4; each new weight tensor within relative 1e-4 in norm; and the update
     itself (new - old) within relative 1e-3 in norm, so that a step too small to matter cannot pass."""
-    session = TrainingSession(artifacts)
+    session = open_backend(backend, artifacts)
     old = {k: v.detach().double().numpy().copy() for k, v in torch_model.state_dict().items()}
     ref_loss, ref_params = _torch_sgd_step(torch_model, x, y, lr, frozen_bn)
     loss, _ = session.train_step(x, y, lr)
@@ -53,20 +57,23 @@ def _check_sgd_step_matches_torch(artifacts, torch_model, x, y, lr=0.05, frozen_
         assert np.linalg.norm(update - ref_update) <= 1e-3 * np.linalg.norm(ref_update), name
 
 
-def test_sgd_step_matches_torch_tiny(tiny_onnx, tiny_artifacts, rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_step_matches_torch_tiny(backend, tiny_onnx, tiny_artifacts, rng):
     x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 5, 6)
-    _check_sgd_step_matches_torch(tiny_artifacts, tiny_onnx[1], x, y)
+    _check_sgd_step_matches_torch(backend, tiny_artifacts, tiny_onnx[1], x, y)
 
 
-def test_sgd_step_matches_torch_frozen_bn(frozen_bn_artifacts, rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_step_matches_torch_frozen_bn(backend, frozen_bn_artifacts, rng):
     """--bn frozen: BatchNorm normalizes with running statistics while its scale and bias train."""
     x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 5, 6)
-    _check_sgd_step_matches_torch(frozen_bn_artifacts["sgd"], make_tiny(), x, y, frozen_bn=True)
+    _check_sgd_step_matches_torch(backend, frozen_bn_artifacts["sgd"], make_tiny(), x, y, frozen_bn=True)
 
 
-def test_sgd_step_matches_torch_resnet18(tmp_path, rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_step_matches_torch_resnet18(backend, tmp_path, rng):
     from onnx_neq.architectures import build
 
     torch.manual_seed(1)
@@ -77,7 +84,7 @@ def test_sgd_step_matches_torch_resnet18(tmp_path, rng):
     prepare(tmp_path / "r18.onnx", tmp_path / "art")
     x = rng.standard_normal((8, 3, 64, 64)).astype(np.float32)
     y = rng.integers(0, 10, 8)
-    _check_sgd_step_matches_torch(tmp_path / "art", model, x, y, lr=0.01)
+    _check_sgd_step_matches_torch(backend, tmp_path / "art", model, x, y, lr=0.01)
 
 
 def _random_masks(session: TrainingSession, rng) -> dict[str, np.ndarray]:
@@ -104,8 +111,9 @@ def _check_freeze(session: TrainingSession, before, masks):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_masked_channels_are_bit_identical(optimizer, frozen_bn_artifacts, rng):
-    session = TrainingSession(frozen_bn_artifacts[optimizer])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_channels_are_bit_identical(backend, optimizer, frozen_bn_artifacts, rng):
+    session = open_backend(backend, frozen_bn_artifacts[optimizer])
     assert session.manifest.optimizer == optimizer
     x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 5, 8)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NeqError
-from .manifest import Manifest, read_manifest
-from .ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
+from ..errors import NeqError
+from ..manifest import Manifest, read_manifest
+from ..ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
 
 
 class TrainingSession:
@@ -111,7 +111,8 @@ class TrainingSession:
         return self.state.parameters[name].data
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {name: p.data for name, p in self.state.parameters}
+        """Copies: ORT's arrays change in place with every step."""
+        return {name: np.array(p.data) for name, p in self.state.parameters}
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Parameters and optimizer state (AdamW moments), for an exact resume. ORT reports a failed
@@ -122,6 +123,10 @@ class TrainingSession:
         except RuntimeError as exc:
             raise _write_error(Path(path), exc) from None
 
+    @staticmethod
+    def read_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+        return checkpoint_parameters(path, names)
+
     def export_inference(self, path: str | Path) -> None:
         """Write an inference model (current weights, logits only, no masks or taps)."""
         with captured_native_stderr():
@@ -129,12 +134,12 @@ class TrainingSession:
         if self.manifest.output_activation:
             import onnx
 
-            from .passes.output_activation import append_output_activation
+            from ..passes.output_activation import append_output_activation
 
             onnx.save(append_output_activation(onnx.load(os.fspath(path)), self.manifest.output_activation), os.fspath(path))
 
 
-def checkpoint_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+def checkpoint_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:  # noqa: D103 (see TrainingSession.read_parameters)
     """Parameters read straight from a checkpoint file, without building ORT sessions."""
     with captured_native_stderr():
         state = training_api().CheckpointState.load_checkpoint(os.fspath(path))

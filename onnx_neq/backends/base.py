@@ -1,0 +1,85 @@
+"""The one interface train, eval, compare and the benchmarks use to run a training graph.
+
+    backend = open_backend(name, artifacts_dir, checkpoint=None, threads=0)
+    backend.set_masks({layer: 0/1 vector per output channel})
+    loss, logits = backend.train_step(images, labels, lr)
+    logits, taps = backend.eval_batch(images);  logits = backend.eval_logits(images)
+    backend.parameters() -> {name: array};  backend.save_checkpoint(path);  backend.export_inference(path)
+    read_parameters(name, checkpoint_path, names) -> {name: array}   (without building sessions)
+
+Backends: "ort-training" (onnxruntime-training 1.19.2: ORT's training graph, optimizer graph and
+checkpoint format) and "portable" (stock onnxruntime: the lowered standard-ONNX training graph in
+an InferenceSession, SGD/AdamW on the host, numpy checkpoints). Nothing outside backends/ names
+an ORT class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import NeqError
+from ..manifest import Manifest
+
+
+class Backend(Protocol):
+    manifest: Manifest
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None: ...
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]: ...
+    def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+    def eval_logits(self, images: np.ndarray) -> np.ndarray: ...
+    def parameters(self) -> dict[str, np.ndarray]: ...
+    def save_checkpoint(self, path: str | Path) -> None: ...
+    def export_inference(self, path: str | Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    module: str
+    cls: str
+    needs: str  # what must be installed, for the error when it is not
+
+
+BACKENDS = {
+    "ort-training": BackendSpec(".ort_training", "TrainingSession", "onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2)"),
+    "portable": BackendSpec(".portable", "PortableBackend", "onnxruntime (pip install onnxruntime)"),
+}
+
+
+def training_kernels_available() -> bool:
+    """True where onnxruntime-training is installed (its training API can be imported)."""
+    try:
+        from ..ort_runtime import training_api
+
+        training_api()
+        return True
+    except Exception:
+        return False
+
+
+def default_backend() -> str:
+    return "ort-training" if training_kernels_available() else "portable"
+
+
+def backend_class(name: str | None):
+    name = name or default_backend()
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise NeqError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    if name == "ort-training" and not training_kernels_available():
+        raise NeqError(f"--backend ort-training needs {spec.needs}; on this machine use --backend portable")
+    return getattr(importlib.import_module(spec.module, __package__), spec.cls)
+
+
+def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0) -> Backend:
+    return backend_class(name)(artifacts_dir, checkpoint, threads=threads)
+
+
+def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Parameters read from a checkpoint of backend `name`, without building sessions."""
+    return backend_class(name).read_parameters(checkpoint, names)

@@ -1,0 +1,189 @@
+"""The portable backend: stock onnxruntime, no training kernels (aarch64 boards, Python 3.13+).
+
+portable_training_model.onnx (the lowered training graph: loss, logits, one masked gradient per
+trainable parameter, BatchNorm batch statistics) runs in an InferenceSession; the update is
+applied on the host by backends/host_optim.py with ORT's optimizer semantics. Parameters live in
+numpy arrays that ONNX Runtime reads in place (OrtValues over the same memory, bound once with
+IOBinding), and gradients are written straight into preallocated arrays: no per-step copies of
+the weights. Evaluation runs eval_model.onnx, the same graph the ORT backend evaluates.
+
+Checkpoints are .npz files: every parameter (frozen ones too: BatchNorm running statistics) and
+the optimizer state under "optimizer/".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NeqError
+from ..manifest import Manifest, read_manifest
+from ..ort_runtime import onnxruntime, session_options
+from .host_optim import optimizer_for_manifest
+
+OPTIMIZER_PREFIX = "optimizer/"
+
+
+class PortableBackend:
+    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0):
+        self.dir = Path(artifacts_dir)
+        self.manifest: Manifest = read_manifest(self.dir)
+        files = self.manifest.files
+        if "portable_training_model" not in files or "parameters" not in files:
+            raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
+        ort = onnxruntime()
+        options = session_options(threads)
+        self.train_session = ort.InferenceSession(
+            str(self.dir / files["portable_training_model"]), options, providers=["CPUExecutionProvider"]
+        )
+        self.eval_session = ort.InferenceSession(str(self.dir / files["eval_model"]), options, providers=["CPUExecutionProvider"])
+        stored = _load_npz(checkpoint or self.dir / files["parameters"])
+        self.params = {k: np.ascontiguousarray(v, dtype=v.dtype) for k, v in stored.items() if not k.startswith(OPTIMIZER_PREFIX)}
+        self.optimizer = optimizer_for_manifest(self.manifest)
+        if checkpoint is not None:
+            self.optimizer.load_state_dict({k[len(OPTIMIZER_PREFIX) :]: v for k, v in stored.items() if k.startswith(OPTIMIZER_PREFIX)})
+        self.layers = {layer.name: layer for layer in self.manifest.layers}
+        self.masks = {name: np.ones(layer.out_channels, np.float32) for name, layer in self.layers.items()}
+        self._prepare_bindings()
+
+    # bindings ------------------------------------------------------------------------------
+    def _prepare_bindings(self) -> None:
+        ort = onnxruntime()
+        self._values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.params.items()}
+        outputs = [o.name for o in self.train_session.get_outputs()]
+        self.grad_names = [name for name in outputs if name.endswith("_grad")]
+        self.trainable = [name[: -len("_grad")] for name in self.grad_names]
+        missing = [p for p in self.trainable if p not in self.params]
+        if missing:
+            raise NeqError(f"{self.dir}: parameters {missing[:3]} of the portable training model are not in the artifacts' parameters")
+        self.grads = {p: np.zeros_like(self.params[p]) for p in self.trainable}
+        self.stat_outputs = [name for s in self.manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
+        self.train_binding = self._bind_parameters(self.train_session)
+        for p, g in zip(self.trainable, self.grad_names):
+            buffer = self.grads[p]
+            self.train_binding.bind_output(g, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        for name in (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs):
+            self.train_binding.bind_output(name, "cpu")  # after the gradients: get_outputs() keeps binding order
+        self.eval_binding = self._bind_parameters(self.eval_session)
+        self.eval_outputs = [o.name for o in self.eval_session.get_outputs()]
+        for name in self.eval_outputs:
+            self.eval_binding.bind_output(name, "cpu")
+        self.train_inputs = {i.name for i in self.train_session.get_inputs()}
+
+    def _bind_parameters(self, session):
+        binding = session.io_binding()
+        for arg in session.get_inputs():
+            if arg.name in self._values:
+                binding.bind_ortvalue_input(arg.name, self._values[arg.name])
+        return binding
+
+    # masks -------------------------------------------------------------------------------
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        for name, mask in masks.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                raise NeqError(f"no layer named {name!r} in the manifest")
+            mask = np.asarray(mask, np.float32).reshape(-1)
+            if mask.shape != (layer.out_channels,):
+                raise NeqError(f"mask for {name} has {mask.size} entries; the layer has {layer.out_channels} channels")
+            self.masks[name] = mask
+
+    def _parameter_masks(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, layer in self.layers.items():
+            for param in filter(None, (layer.weight, layer.bias)):
+                out[param] = self.masks[name]
+        return out
+
+    # steps -------------------------------------------------------------------------------
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        """One optimizer step on a batch; returns (loss, logits)."""
+        b = self.train_binding
+        b.bind_cpu_input(self.manifest.input.name, _f32(images))
+        b.bind_cpu_input(self.manifest.label_input, np.ascontiguousarray(labels, np.int64))
+        for layer in self.manifest.layers:
+            if layer.mask_input in self.train_inputs:
+                b.bind_cpu_input(layer.mask_input, self.masks[layer.name])
+        for name in (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs):
+            b.bind_output(name, "cpu")  # rebound each step: the batch size may change; the position stays
+        self.train_session.run_with_iobinding(b)
+        values = b.get_outputs()
+        outputs = [values[len(self.grads) + i].numpy() for i in range(2 + len(self.stat_outputs))]
+        if self.manifest.bn_stats:
+            self._update_running_statistics(outputs[2:], len(images))
+        self.optimizer.step({p: self.params[p] for p in self.trainable}, self.grads, lr, self._parameter_masks())
+        return float(outputs[0]), outputs[1]
+
+    def _update_running_statistics(self, outputs: list[np.ndarray], batch: int) -> None:
+        """running = (1 - m) * running + m * batch statistic (PyTorch's train mode, unbiased variance)."""
+        m = np.float32(self.manifest.bn_momentum)
+        for stat, mean, inv_std in zip(self.manifest.bn_stats, outputs[0::2], outputs[1::2]):
+            n = batch * stat["positions"]
+            variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
+            for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
+                running = self.params[name]
+                np.copyto(running, ((1 - m) * running + m * value.astype(np.float32)).astype(np.float32))
+
+    def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        outputs = self._eval(images, taps=True)
+        return outputs[1], {layer.name: tap for layer, tap in zip(self.manifest.layers, outputs[2:])}
+
+    def eval_logits(self, images: np.ndarray) -> np.ndarray:
+        return self._eval(images, taps=False)[1]
+
+    def _eval(self, images: np.ndarray, taps: bool) -> list[np.ndarray]:
+        b = self.eval_binding
+        b.bind_cpu_input(self.manifest.input.name, _f32(images))
+        b.bind_cpu_input(self.manifest.label_input, np.zeros(len(images), np.int64))
+        for name in self.eval_outputs:
+            b.bind_output(name, "cpu")
+        self.eval_session.run_with_iobinding(b)
+        values = b.get_outputs()
+        return [values[i].numpy() for i in range(len(self.eval_outputs) if taps else 2)]
+
+    # parameters --------------------------------------------------------------------------
+    def parameter(self, name: str) -> np.ndarray:
+        return self.params[name].copy()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: array.copy() for name, array in self.params.items()}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Every parameter and the optimizer state, for an exact resume (the caller renames it into place)."""
+        arrays = dict(self.params)
+        arrays.update({OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_dict().items()})
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+
+    @staticmethod
+    def read_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+        stored = _load_npz(path)
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise NeqError(f"{path} lacks parameters {missing[:3]}")
+        return {n: stored[n] for n in names}
+
+    def export_inference(self, path: str | Path) -> None:
+        """Write an inference model (current weights, logits only, no masks or taps)."""
+        import onnx
+
+        from ..inference import inference_from_eval
+
+        model = inference_from_eval(onnx.load(str(self.dir / self.manifest.files["eval_model"])), self.params, self.manifest)
+        onnx.save(model, str(path))
+
+
+def _load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise NeqError(f"{path} does not exist") from None
+    except Exception as exc:
+        raise NeqError(f"{path} is not a readable parameter file ({str(exc).splitlines()[0][:100]})") from None
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
