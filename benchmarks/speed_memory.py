@@ -44,7 +44,7 @@ def _select(taps, taps_prev, names, costs, budget, state):
 
 
 def worker_ort(args) -> dict:
-    from onnx_neq.session import TrainingSession
+    from onnx_neq.backends.ort_training import TrainingSession
     from onnx_neq.velocity import VelocityState
 
     session = TrainingSession(args.artifacts, threads=args.threads)
