@@ -38,18 +38,25 @@ def _bare_training_package() -> None:
     if spec is None or not spec.submodule_search_locations:
         from .errors import NeqError
 
-        raise NeqError("onnxruntime-training is not installed; pip install onnxruntime-training-cpu==1.19.2")
+        raise NeqError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-training-cpu==1.19.2 to prepare)")
     pkg = types.ModuleType("onnxruntime.training")
     pkg.__path__ = [os.path.join(spec.submodule_search_locations[0], "training")]
     sys.modules["onnxruntime.training"] = pkg
+
+
+TRAINING_WHEEL = "onnxruntime-training-cpu==1.19.2 (x86_64 Linux, macOS or Windows, Python <= 3.12)"
 
 
 def training_api():
     """The `onnxruntime.training.api` module (Module, Optimizer, CheckpointState)."""
     onnxruntime()
     _bare_training_package()
-    from onnxruntime.training import api
+    try:
+        from onnxruntime.training import api
+    except ImportError:
+        from .errors import NeqError
 
+        raise NeqError(f"this needs onnxruntime-training, which is not installed: pip install {TRAINING_WHEEL}") from None
     return api
 
 
@@ -57,8 +64,15 @@ def artifacts_module():
     """The `onnxruntime.training.artifacts` module (generate_artifacts, LossType, OptimType)."""
     onnxruntime()
     _bare_training_package()
-    from onnxruntime.training import artifacts
+    try:
+        from onnxruntime.training import artifacts
+    except ImportError:
+        from .errors import NeqError
 
+        raise NeqError(
+            f"onnx-neq prepare needs onnxruntime-training's gradient builder, which is not installed here: pip install {TRAINING_WHEEL}; "
+            f"or prepare on such a machine and copy the artifacts here, where `onnx-neq train ARTIFACTS --backend portable` trains them"
+        ) from None
     return artifacts
 
 

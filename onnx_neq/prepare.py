@@ -17,6 +17,7 @@ from .errors import NeqError
 from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
 from .model_io import load_model
 from .normalize import NormalizeReport, convert_opset, normalize
+from .ort_runtime import artifacts_module
 from .parameters import ParameterGroups, group_parameters
 from .passes.activation_rewrites import ActivationRewritePass
 from .passes.batchnorm_affine import BatchNormAffinePass
@@ -52,6 +53,7 @@ def prepare(
     input_shape: list[int] | None = None,
 ) -> PrepareReport:
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
+    artifacts_module()  # the gradient builder: a clear line up front where it is missing
     model_path, out_dir = Path(model_path), Path(out_dir)
     normalized = NormalizeReport()
     proto = convert_opset(load_model(model_path), normalized)
