@@ -70,7 +70,7 @@ BOARD_PY=python3.11
 BOARD_PY_VERSION=3.11
 QEMU_MIN_MAJOR=8
 PYTHON="${PYTHON:-python3}"
-DEFAULT_WHEELS="onnxruntime numpy click"
+DEFAULT_WHEELS="onnxruntime numpy click onnx==1.17.0 onnx-ir==1.1.0"
 BOARD_WHEELS=$(printf '%s %s' "${ONNX_NEQ_BOARD_WHEELS:-$DEFAULT_WHEELS}" "${ONNX_NEQ_BOARD_EXTRA_WHEELS:-}" \
     | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//')  # one space between requirements
 QEMU=""

@@ -1,21 +1,36 @@
-"""Speed and memory of onnx-neq (ONNX Runtime training) against a plain PyTorch loop, side by side.
+"""Speed and memory of onnx-neq's two backends against a plain PyTorch loop, side by side.
 
 Same model, weights, batch, resolution and masks; the PyTorch loop is the authors' method (zero the
-masked channels' gradients, then SGD). Each measurement runs in its own process so peak resident
-memory (VmHWM) is that framework's alone. Both use the same number of threads.
+masked channels' gradients, then SGD). onnx-neq runs through `open_backend`: "ort-training"
+(onnxruntime-training 1.19.2, in this environment) and "portable" (the lowered standard-ONNX
+training graph in a plain InferenceSession, the update on the host), which runs on the newest
+stock onnxruntime in a second environment: the two packages install the same module and must
+never share one. Each measurement runs in its own process so peak resident memory (VmHWM) is that
+framework's alone. All use the same number of threads.
 
-    python benchmarks/speed_memory.py                      # MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32
-    python benchmarks/speed_memory.py --quick              # one small case, to check the script
+    python -m venv /tmp/venv-stock
+    /tmp/venv-stock/bin/pip install onnxruntime numpy click onnx==1.17.0 onnx-ir==1.1.0 onnxscript==0.7.2
+    /tmp/venv-stock/bin/pip install --no-deps -e .
+    python benchmarks/speed_memory.py --stock-python /tmp/venv-stock/bin/python   # MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32
+    python benchmarks/speed_memory.py --quick --stock-python /tmp/venv-stock/bin/python   # one small case, to check the script
 
-Reported per case: ms per training step (median), peak RSS, the velocity + selection time of one
-epoch (taps of the 10-image velocity set, phi, velocity, greedy selection) as a share of an epoch
-of --epoch-images training images, and the ratio onnx-neq / PyTorch of each.
+Without --stock-python (or $ONNX_NEQ_STOCK_PYTHON) the portable column is skipped. Artifacts are
+prepared once here (prepare needs onnxruntime-training) and read by every worker.
+
+With --repeats N every worker of a case runs N times, round robin, and its fastest run is kept (all
+medians are saved): on a shared machine this keeps other load from favouring one column.
+
+Reported per case: ms per training step (median; for portable this includes the host optimizer
+step), peak RSS, the velocity + selection time of one epoch (taps of the 10-image velocity set,
+phi, velocity, greedy selection) as a share of an epoch of --epoch-images training images, the
+ratio portable / ORT and ORT / PyTorch, and the onnxruntime version each worker ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,11 +58,12 @@ def _select(taps, taps_prev, names, costs, budget, state):
     return select_velocity(velocity, costs, budget)
 
 
-def worker_ort(args) -> dict:
-    from onnx_neq.backends.ort_training import TrainingSession
+def worker_backend(args) -> dict:
+    from onnx_neq.backends.base import open_backend
+    from onnx_neq.ort_runtime import onnxruntime
     from onnx_neq.velocity import VelocityState
 
-    session = TrainingSession(args.artifacts, threads=args.threads)
+    session = open_backend(args.backend, args.artifacts, threads=args.threads)
     names = [layer.name for layer in session.manifest.layers]
     costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost) for layer in session.manifest.layers])
     masks = dict(np.load(args.masks))
@@ -68,7 +84,14 @@ def worker_ort(args) -> dict:
     taps = session.eval_batch(vset)[1]
     _select(taps, prev, names, costs, int(costs.sum() * 0.308), state)
     selection = time.perf_counter() - start
-    return {"ms_per_step": 1000 * float(np.median(times)), "selection_s": selection, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "backend": args.backend,
+        "onnxruntime": onnxruntime().__version__,
+        "python": sys.version.split()[0],
+        "ms_per_step": 1000 * float(np.median(times)),
+        "selection_s": selection,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def worker_torch(args) -> dict:
@@ -118,7 +141,12 @@ def worker_torch(args) -> dict:
     start = time.perf_counter()
     _select(taps(), prev, names, costs, int(costs.sum() * 0.308), state)
     selection = time.perf_counter() - start
-    return {"ms_per_step": 1000 * float(np.median(times)), "selection_s": selection, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "torch": torch.__version__,
+        "ms_per_step": 1000 * float(np.median(times)),
+        "selection_s": selection,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path, Path]:
@@ -145,17 +173,38 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path,
     return weights, artifacts, workdir / f"{arch}-masks.npz"
 
 
-def run_worker(kind: str, **kw) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+STOCK_PYTHON_ENV = "ONNX_NEQ_STOCK_PYTHON"
+
+
+def run_worker(kind: str, python: str | None = None, **kw) -> dict:
+    cmd = [python or sys.executable, __file__, "--worker", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{kind} worker ({' '.join(cmd[:1] + cmd[3:])}) failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stock_environment(python: str) -> dict:
+    """The stock onnxruntime that `python` imports; refuses an environment with onnxruntime-training."""
+    probe = (
+        "import json, onnx_neq; from onnx_neq.ort_runtime import onnxruntime; "
+        "from onnx_neq.backends.base import training_kernels_available; "
+        "print(json.dumps({'onnxruntime': onnxruntime().__version__, 'training': training_kernels_available(), "
+        "'onnx_neq': onnx_neq.__file__}))"
+    )
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise SystemExit(f"--stock-python {python} cannot import onnx_neq and onnxruntime:\n{result.stderr[-1500:]}")
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    if info["training"]:
+        raise SystemExit(f"--stock-python {python} has onnxruntime-training {info['onnxruntime']}, not stock onnxruntime")
+    return info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=["ort", "torch"])
+    parser.add_argument("--worker", choices=["backend", "torch"])
+    parser.add_argument("--backend", choices=["ort-training", "portable"], help="(worker) which onnx-neq backend to measure")
     parser.add_argument("--arch")
     parser.add_argument("--artifacts")
     parser.add_argument("--weights")
@@ -166,17 +215,38 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epoch-images", type=int, default=1000)
+    parser.add_argument(
+        "--stock-python",
+        default=os.environ.get(STOCK_PYTHON_ENV),
+        help=f"Python of a virtualenv with stock onnxruntime (not -training) and onnx-neq, for the portable column "
+        f"(default ${STOCK_PYTHON_ENV}; without either the portable column is skipped).",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="Run every worker this many times (round robin) and keep its fastest run.")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--table", type=Path, help="Only print the table of an earlier run's JSON.")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "speed_memory.json")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps((worker_ort if args.worker == "ort" else worker_torch)(args)))
+        print(json.dumps((worker_backend if args.worker == "backend" else worker_torch)(args)))
         return
     if args.table:
         saved = json.loads(args.table.read_text())
         print(markdown(saved["rows"], saved["epoch_images"], saved["threads"]))
         return
+    from onnx_neq.ort_runtime import onnxruntime
+
+    versions = {"ort-training": onnxruntime().__version__}
+    if args.stock_python:
+        stock = stock_environment(args.stock_python)
+        versions["portable"] = stock["onnxruntime"]
+        print(f"portable backend: {args.stock_python} (stock onnxruntime {stock['onnxruntime']})", flush=True)
+    else:
+        print(
+            f"portable column skipped: no --stock-python and no ${STOCK_PYTHON_ENV} (a virtualenv with stock onnxruntime, "
+            "see this script's docstring)",
+            file=sys.stderr,
+            flush=True,
+        )
     cases = [("mobilenet_v2", 64, 8)] if args.quick else [(a, 128, b) for a in ("mobilenet_v2", "resnet18") for b in (8, 32)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,35 +258,92 @@ def main() -> None:
             common = dict(
                 arch=arch, batch=batch, resolution=resolution, steps=args.steps, warmup=args.warmup, threads=args.threads, masks=masks
             )
-            ort = run_worker("ort", artifacts=artifacts, **common)
-            pt = run_worker("torch", weights=weights, **common)
-            rows.append({"arch": arch, "resolution": resolution, "batch": batch, "onnx_neq": ort, "pytorch": pt})
-            print(json.dumps(rows[-1]), flush=True)
+            workers = {"ort_training": ("backend", None, dict(backend="ort-training", artifacts=artifacts))}
+            if args.stock_python:
+                workers["portable"] = ("backend", args.stock_python, dict(backend="portable", artifacts=artifacts))
+            workers["pytorch"] = ("torch", None, dict(weights=weights))
+            runs = {key: [] for key in workers}
+            for _ in range(args.repeats):  # round robin, so load from elsewhere hits every column alike
+                for key, (kind, python, extra) in workers.items():
+                    runs[key].append(run_worker(kind, python=python, **extra, **common))
+            row = {"arch": arch, "resolution": resolution, "batch": batch}
+            for key, results in runs.items():
+                row[key] = dict(min(results, key=lambda x: x["ms_per_step"]), ms_per_step_runs=[x["ms_per_step"] for x in results])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "epoch_images": args.epoch_images, "rows": rows}, indent=1))
+    saved = {
+        "threads": args.threads,
+        "epoch_images": args.epoch_images,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "onnxruntime": versions,
+        "command": " ".join(["python", "benchmarks/speed_memory.py", *sys.argv[1:]]),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(saved, indent=1))
     print(markdown(rows, args.epoch_images, args.threads))
 
 
 def markdown(rows: list[dict], epoch_images: int, threads: int) -> str:
+    """Two tables: step time and peak memory, then the per-epoch selection. "-" where a column was not run."""
+
+    def ort(r):
+        return r.get("ort_training") or r.get("onnx_neq")  # runs before the portable column called it onnx_neq
+
+    def cell(x, key, fmt):
+        return format(x[key], fmt) if x else "-"
+
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}" if a and b else "-"
+
     lines = [
-        "| model | px | batch | ms/step onnx-neq | ms/step PyTorch | ratio | peak RSS onnx-neq (MiB) | peak RSS PyTorch (MiB) | ratio "
-        "| selection s onnx-neq | selection s PyTorch | ratio | selection share onnx-neq | selection share PyTorch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | px | batch | ms/step ORT | ms/step portable | ms/step PyTorch | portable / ORT | ORT / PyTorch "
+        "| peak RSS ORT (MiB) | peak RSS portable (MiB) | peak RSS PyTorch (MiB) | portable / ORT | ORT / PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        o, p = r["onnx_neq"], r["pytorch"]
+        o, q, p = ort(r), r.get("portable"), r["pytorch"]
+        lines.append(
+            f"| {r['arch']} | {r['resolution']} | {r['batch']} "
+            f"| {cell(o, 'ms_per_step', '.1f')} | {cell(q, 'ms_per_step', '.1f')} | {cell(p, 'ms_per_step', '.1f')} "
+            f"| {ratio(q, o, 'ms_per_step')} | {ratio(o, p, 'ms_per_step')} "
+            f"| {cell(o, 'peak_rss_mib', '.0f')} | {cell(q, 'peak_rss_mib', '.0f')} | {cell(p, 'peak_rss_mib', '.0f')} "
+            f"| {ratio(q, o, 'peak_rss_mib')} | {ratio(o, p, 'peak_rss_mib')} |"
+        )
+    lines += [
+        "",
+        "| model | px | batch | selection s ORT | selection s portable | selection s PyTorch "
+        "| selection share ORT | selection share portable | selection share PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o, q, p = ort(r), r.get("portable"), r["pytorch"]
         steps = -(-epoch_images // r["batch"])
 
         def share(x, steps=steps):
-            return x["selection_s"] / (x["selection_s"] + steps * x["ms_per_step"] / 1000)
+            return f"{x['selection_s'] / (x['selection_s'] + steps * x['ms_per_step'] / 1000):.2%}" if x else "-"
 
         lines.append(
-            f"| {r['arch']} | {r['resolution']} | {r['batch']} | {o['ms_per_step']:.1f} | {p['ms_per_step']:.1f} | {o['ms_per_step'] / p['ms_per_step']:.2f} "
-            f"| {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / p['peak_rss_mib']:.2f} "
-            f"| {o['selection_s']:.3f} | {p['selection_s']:.3f} | {o['selection_s'] / p['selection_s']:.2f} | {share(o):.2%} | {share(p):.2%} |"
+            f"| {r['arch']} | {r['resolution']} | {r['batch']} "
+            f"| {cell(o, 'selection_s', '.3f')} | {cell(q, 'selection_s', '.3f')} | {cell(p, 'selection_s', '.3f')} "
+            f"| {share(o)} | {share(q)} | {share(p)} |"
         )
+    versions = []
+    for key, label in (
+        ("ort_training", "ORT = ort-training backend on onnxruntime-training"),
+        ("portable", "portable = portable backend on stock onnxruntime"),
+    ):
+        found = sorted({r[key]["onnxruntime"] for r in rows if r.get(key) and "onnxruntime" in r[key]})
+        if found:
+            versions.append(f"{label} {', '.join(found)}")
+    torch_versions = sorted({r["pytorch"]["torch"] for r in rows if "torch" in r["pytorch"]})
+    if torch_versions:
+        versions.append(f"PyTorch {', '.join(torch_versions)}")
     lines.append(
         f"\n{threads} threads each; an epoch = {epoch_images} training images; selection = taps of 10 images + phi + velocity + greedy selection."
+        + (f" {'; '.join(versions)}." if versions else "")
     )
     return "\n".join(lines)
 

@@ -4,7 +4,6 @@ of the package, which must carry the shipped model."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
