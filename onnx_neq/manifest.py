@@ -19,7 +19,8 @@ Fields (all counts are numbers of scalar parameters unless said otherwise):
   always_trained           names of the parameters trained without masks
   layers                   in graph order: {name, node, weight, bias, kind (conv|depthwise|grouped),
                            out_channels, in_channels, groups, kernel, neuron_cost, mask_input,
-                           tap_output}
+                           tap_output, input_shape, output_shape ([C, H, W] per image, null if
+                           unknown), bn ([scale, bias] of the BatchNorm on its output, or [])}
   files                    {training_model, eval_model, optimizer_model, checkpoint}
   output_activation        {op, axis, output} of a Softmax/LogSoftmax removed from the source model's
                            output (null if none); inference models get it back
@@ -59,6 +60,9 @@ class Layer:
     neuron_cost: int
     mask_input: str
     tap_output: str
+    input_shape: list[int] | None = None  # [C, H, W] per image of the conv's input (cost models)
+    output_shape: list[int] | None = None  # [C, H, W] per image of its raw output
+    bn: list[str] = field(default_factory=list)  # scale and bias of the BatchNorm that normalizes its output
 
     @property
     def params(self) -> int:

@@ -67,6 +67,7 @@ def prepare(
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
     groups = group_parameters(model, layers)  # before the rewrite below hides BatchNorm's parameters
+    geometry = layer_geometry(ir.serde.serialize_model(model), layers)
     input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
     affine, rewrites = BatchNormAffinePass(), ActivationRewritePass()
     ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
@@ -77,7 +78,7 @@ def prepare(
         if weight_decay is None:
             weight_decay = 0.01 if optimizer == "adamw" else 0.0
         report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay)
-        manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers)
+        manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers, geometry)
         manifest.weight_decay = weight_decay
         manifest.output_activation = normalized.output_activation
         manifest.bn_stats = report.bn_stats
@@ -127,7 +128,9 @@ def _floats(text: str | None) -> list[float] | None:
     return [float(x) for x in text.split(",")] if text else None
 
 
-def _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups: ParameterGroups, layers: list[ConvLayer]) -> Manifest:
+def _manifest(
+    model_path, optimizer, input_spec, logits, num_classes, report, groups: ParameterGroups, layers: list[ConvLayer], geometry: dict
+) -> Manifest:
     rows = [
         Layer(
             l.name,
@@ -142,6 +145,7 @@ def _manifest(model_path, optimizer, input_spec, logits, num_classes, report, gr
             l.neuron_cost,
             l.mask_input,
             l.tap_output,
+            *geometry.get(l.name, (None, None, [])),
         )
         for l in layers
     ]
@@ -163,6 +167,32 @@ def _manifest(model_path, optimizer, input_spec, logits, num_classes, report, gr
         layers=rows,
         files=dict(artifacts.FILES),
     )
+
+
+def layer_geometry(proto: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, tuple]:
+    """layer -> (input [C, H, W], output [C, H, W], [BN scale, BN bias]) from onnx's shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        inferred = proto
+    shapes = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        if len(dims) >= 3 and all(d > 0 for d in dims[1:]):
+            shapes[v.name] = dims[1:]
+    nodes = {n.name or n.output[0]: n for n in inferred.graph.node}
+    consumers: dict[str, list] = {}
+    for n in inferred.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = {}
+    for layer in layers:
+        conv = nodes.get(layer.node)
+        if conv is None:
+            continue
+        bn = [n for n in consumers.get(layer.output, []) if n.op_type == "BatchNormalization"]
+        out[layer.name] = (shapes.get(conv.input[0]), shapes.get(layer.output), list(bn[0].input[1:3]) if bn else [])
+    return out
 
 
 def _staging_dir(out_dir: Path) -> Path:
