@@ -8,8 +8,8 @@
 #     * a Debian bookworm arm64 userland (python3.11 and its libs), made with
 #       `debootstrap --foreign --variant=minbase --include=python3` whose downloaded
 #       .debs are then unpacked into the tree (the foreign second stage is not run);
-#     * a "site" directory of aarch64 wheels (stock onnxruntime, numpy, click; no
-#       onnxruntime-training), installed with the host's pip for
+#     * a "site" directory of aarch64 wheels (stock onnxruntime, numpy, click, onnx, onnx-ir
+#       and their dependencies; no onnxruntime-training), installed with the host's pip for
 #       --platform manylinux_2_28_aarch64 --python-version 3.11;
 #   and runs the arm64 python3.11 under qemu-aarch64 with the site and this
 #   repository's root on PYTHONPATH (working directory preserved).
@@ -23,6 +23,18 @@
 #                                              is run by the board's onnxruntime and the host's
 #                                              onnxruntime; outputs must agree to 1e-5 (relative);
 #                                              prints PASS/FAIL (exit status 0/1)
+#   benchmarks/arm64_board.sh train [OPTIONS...]
+#                                              the portable training backend on host and board:
+#                                              prepares the shipped MobileNetV2 (10-class head) on the
+#                                              host, exports digits to an .npz (the board has no
+#                                              scikit-learn), runs the same tiny
+#                                              `python -m onnx_neq.cli train ART --backend portable
+#                                              --data npz:FILE --epochs 2 --train-limit 128 --batch-size 16
+#                                              --warmup-epochs 1 --threads 1 OPTIONS...` on the host and on
+#                                              the board, and compares per-epoch train_loss (relative
+#                                              difference <= 1e-4) and train/val/test top-1 (equal); prints
+#                                              a side-by-side table, versions, wall times and PASS/FAIL
+#                                              (exit status 0/1); OPTIONS (e.g. --epochs 3) override those
 #   benchmarks/arm64_board.sh info             print paths and versions
 #
 # Cache
@@ -34,9 +46,12 @@
 #   Building needs root (apt-get, debootstrap); running an already built board does not.
 #
 # Time (measured on a 2-core x86_64 bookworm VM, deb.debian.org and PyPI reachable):
-#   first `setup`: ~45 s (apt update + qemu 10 s, debootstrap 21 s, unpacking 110 .debs 3 s,
-#   wheels 7 s; ~225 MB userland + ~136 MB site); a later `setup`: <0.1 s;
-#   `check`: ~10 s (mostly importing onnxruntime under emulation). Emulation cost, measured:
+#   first `setup`: ~55 s (apt update + qemu 10 s, debootstrap 21 s, unpacking 110 .debs 3 s,
+#   wheels 18 s; ~225 MB userland + ~294 MB site, sympy the largest); a later `setup`: <0.1 s;
+#   `check`: ~10 s (mostly importing onnxruntime under emulation); `train`: ~3 min
+#   (host: prepare 5-7 s, digits 2 s, training 4-5 s; board: the same training 150-205 s: imports
+#   ~10 s, 4+2 session creations ~35 s, two epochs ~95-110 s, exporting model.onnx ~45 s of which
+#   importing onnx_ir (sympy) ~20 s), 166-219 s in all over three runs. Emulation cost, measured:
 #   a pure-python loop ~16x and float32 numpy matmul ~50x slower than natively;
 #   `import onnx_neq.train` (with onnx + onnx-ir in the site) ~12 s.
 #
@@ -52,9 +67,17 @@
 #   ONNX_NEQ_BOARD_DIR           cache directory (see above)
 #   ONNX_NEQ_BOARD_MIRROR        Debian mirror for debootstrap/backports
 #                                (default: the deb.debian.org-style mirror in /etc/apt/sources.list*)
-#   ONNX_NEQ_BOARD_WHEELS        wheels for the site (default: "onnxruntime numpy click")
+#   ONNX_NEQ_BOARD_WHEELS        wheels for the site (default: "onnxruntime numpy click onnx==1.17.0
+#                                onnx-ir==1.1.0"; onnx and onnx-ir are what onnx_neq's training path
+#                                imports besides the others; they bring protobuf, ml_dtypes, sympy, ...)
 #   ONNX_NEQ_BOARD_EXTRA_WHEELS  more wheels appended to that list (e.g. "onnx==1.17.0 onnx-ir==1.1.0")
-#   PYTHON                       host python with pip, onnx, onnxruntime(-training) (default: python3)
+#   ONNX_NEQ_BOARD_TRAIN_DIR     `train`'s work directory (artifacts, digits.npz, hostrun/, boardrun/),
+#                                kept; default: a fresh $BOARD_DIR/train.XXXXXX, removed after a PASS
+#   ONNX_NEQ_BOARD_TEST_IMAGES   test images `train` keeps of digits' 450 (default 150; 0: all)
+#   ONNX_NEQ_BOARD_TRAIN_RTOL    `train`'s train-loss tolerance, relative (default 1e-4)
+#   ONNX_NEQ_BOARD_TOP1_ATOL     `train`'s top-1 tolerance, absolute (default 0: equal)
+#   PYTHON                       host python with pip, onnx, onnxruntime(-training), scikit-learn
+#                                (default: python3)
 #
 # Adding a subcommand: call ensure_board (or the ensure_* steps) and then
 # `board_python ARGS...` (runs in the current directory) next to host-side `"$PYTHON" ...`.
@@ -280,6 +303,76 @@ cmd_check() {
     return "$rc"
 }
 
+# Host paths are visible to the guest unless the same path exists under rootfs/ (qemu -L).
+need_board_visible() {  # need_board_visible PATH
+    [[ ! -e $ROOTFS$1 ]] || die "$1 also exists under $ROOTFS, so the board would see that one; pick another directory"
+}
+
+TRAIN_ARGS=(--backend portable --epochs 2 --train-limit 128 --batch-size 16 --warmup-epochs 1 --threads 1)
+
+cmd_train() {  # cmd_train [extra `onnx-neq train` options]
+    local t=$SECONDS
+    ensure_board
+    local work keep=1
+    if [[ -n ${ONNX_NEQ_BOARD_TRAIN_DIR:-} ]]; then
+        work=$ONNX_NEQ_BOARD_TRAIN_DIR
+        mkdir -p "$work"
+        work=$(cd "$work" && pwd)
+        rm -rf "$work/artifacts" "$work/digits.npz" "$work/hostrun" "$work/boardrun" "$work"/{host,board}_info.json
+    else
+        work=$(mktemp -d "$BOARD_DIR/train.XXXXXX")
+        keep=0
+    fi
+    need_board_visible "$work"
+    local helper="$SCRIPT_DIR/arm64_board_train.py" model="$REPO_ROOT/onnx_neq/models/mobilenet_v2_035_fmnist04.onnx"
+    local host_env=(env PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}")
+    log "work directory: $work"
+    log "host: onnx-neq prepare ${model#"$REPO_ROOT"/} --num-classes 10 (fresh, so never stale artifacts)"
+    (cd "$REPO_ROOT" && "${host_env[@]}" "$PYTHON" -m onnx_neq.cli prepare "$model" --num-classes 10 -o "$work/artifacts" >"$work/prepare.log" 2>&1) \
+        || { cat "$work/prepare.log" >&2; die "prepare failed (log: $work/prepare.log)"; }
+    [[ -f $work/artifacts/portable_training_model.onnx && -f $work/artifacts/parameters.npz ]] \
+        || die "prepare wrote no portable_training_model.onnx/parameters.npz into $work/artifacts"
+    log "host: digits -> $work/digits.npz"
+    (cd "$REPO_ROOT" && "${host_env[@]}" "$PYTHON" "$helper" data "$work/digits.npz" "${ONNX_NEQ_BOARD_TEST_IMAGES:-150}") >&2
+    local args=(train "$work/artifacts" --data "npz:$work/digits.npz" "${TRAIN_ARGS[@]}" "$@")
+    local rc_host=0 rc_board=0 t_host t_board
+    log "host: python -m onnx_neq.cli ${args[*]} --out $work/hostrun"
+    t_host=$(date +%s.%N)
+    (cd "$REPO_ROOT" && "${host_env[@]}" "$PYTHON" "$helper" run "$work/host_info.json" "${args[@]}" --out "$work/hostrun") \
+        >"$work/host.log" 2>&1 || rc_host=$?
+    t_host=$(awk -v a="$t_host" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    log "host: exit status $rc_host, ${t_host} s (log: $work/host.log)"
+    log "board: the same with --out $work/boardrun (under qemu; a few minutes)"
+    t_board=$(date +%s.%N)
+    (cd "$REPO_ROOT" && board_python "$helper" run "$work/board_info.json" "${args[@]}" --out "$work/boardrun") \
+        >"$work/board.log" 2>&1 || rc_board=$?
+    t_board=$(awk -v a="$t_board" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    log "board: exit status $rc_board, ${t_board} s (log: $work/board.log)"
+    local side
+    for side in host board; do
+        echo "==== $side: python -m onnx_neq.cli ${args[*]} --out $work/${side}run"
+        grep -v 'cpuid_info warning' "$work/$side.log" || true
+    done
+    echo "==== comparison"
+    local rc=0
+    [[ -f $work/host_info.json && -f $work/board_info.json ]] || rc=1
+    if [[ $rc -eq 0 ]]; then
+        (cd "$REPO_ROOT" && "${host_env[@]}" "$PYTHON" "$helper" compare "$work" \
+            "${ONNX_NEQ_BOARD_TRAIN_RTOL:-1e-4}" "${ONNX_NEQ_BOARD_TOP1_ATOL:-0}") || rc=$?
+    else
+        echo "a run died before writing its info file (host status $rc_host, board status $rc_board); see the logs above"
+        echo "FAIL"
+    fi
+    echo "wall time: host run ${t_host} s, board run ${t_board} s (with python start-up; the board under qemu-aarch64)"
+    if [[ $rc -eq 0 && $keep -eq 0 ]]; then
+        CLEANUP_DIRS+=("$work")
+    else
+        echo "kept: $work"
+    fi
+    log "train done in $((SECONDS - t)) s"
+    return "$rc"
+}
+
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -n '/^# Usage/,/^# Cache/p' | sed '$d; s/^# \{0,1\}//' >&2; }
 
 main() {
@@ -292,9 +385,10 @@ main() {
             board_python "$@"
             ;;
         check) cmd_check ;;
+        train) cmd_train "$@" ;;
         info) cmd_info ;;
         -h | --help | help) usage ;;
-        *) usage; die "unknown subcommand '${cmd}' (setup | python ARGS... | check | info)" ;;
+        *) usage; die "unknown subcommand '${cmd}' (setup | python ARGS... | check | train [OPTIONS...] | info)" ;;
     esac
 }
 
