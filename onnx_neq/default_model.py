@@ -28,11 +28,18 @@ def default_artifacts(num_classes: int) -> Path:
         raise NeqError(f"the shipped model {SHIPPED} is missing from this installation; pass an ARTIFACTS_DIR made by `onnx-neq prepare`")
     digest = hashlib.sha256(SHIPPED.read_bytes()).hexdigest()[:12]
     out = cache_dir() / f"{SHIPPED.stem}-{digest}-{num_classes}classes"
-    if not (out / FILENAME).exists():
+    if not _complete(out):
         from .prepare import prepare
 
         prepare(SHIPPED, out, num_classes=num_classes)
     return out
+
+
+def _complete(directory: Path) -> bool:
+    """Cached artifacts hold every file this version writes (older ones lack the portable model)."""
+    from .artifacts import FILES
+
+    return (directory / FILENAME).exists() and all((directory / name).exists() for name in FILES.values())
 
 
 def local_artifacts() -> Path | None:
@@ -55,7 +62,7 @@ def artifacts_with_head(artifacts: str | Path, num_classes: int) -> Path:
             f"the model's head has {manifest.num_classes} classes, the data {num_classes}, and its source {source} is gone; {fix}"
         )
     out = cache_dir() / f"{source.stem}-{artifacts_fingerprint(artifacts)[:12]}-{num_classes}classes"
-    if not (out / FILENAME).exists():
+    if not _complete(out):
         from .prepare import prepare
 
         prepare(source, out, **{**options, "num_classes": num_classes})

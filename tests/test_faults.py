@@ -528,3 +528,13 @@ def test_export_says_the_weights_are_random(tmp_path):
     result = _run("export", "mobilenet_v2", "--width-mult", "0.35", "--resolution", "32", "-o", str(tmp_path / "m.onnx"))
     assert result.returncode == 0, result.stderr
     assert "weights are random" in result.stderr
+
+
+def test_cached_artifacts_from_an_older_version_are_prepared_again(tiny_artifacts, tmp_path):
+    """A head fitted earlier by a version without the portable files is rebuilt, not trained broken."""
+    from onnx_neq.default_model import artifacts_with_head
+
+    fitted = artifacts_with_head(tiny_artifacts, 10)
+    (fitted / "portable_training_model.onnx").unlink()
+    assert artifacts_with_head(tiny_artifacts, 10) == fitted
+    assert (fitted / "portable_training_model.onnx").exists()
