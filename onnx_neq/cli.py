@@ -157,7 +157,14 @@ def _recipe_options(command):
             "--backend",
             type=click.Choice(list(BACKENDS)),
             default=None,
-            help="ort-training (onnxruntime-training) or portable (stock onnxruntime) [default: ort-training where installed].",
+            help="ort-training (onnxruntime-training), portable (stock onnxruntime) or specialized (portable, each epoch's graph computing only what the selection trains) [default: ort-training where installed].",
+        ),
+        click.option(
+            "--bn-update",
+            type=click.Choice(["always", "selected"]),
+            default="always",
+            show_default=True,
+            help="BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized).",
         ),
         click.option(
             "--train-limit",

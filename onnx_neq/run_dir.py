@@ -44,6 +44,10 @@ METRICS = [
     "selected_neurons",
     "epoch_seconds",
     "selection_seconds",
+    "step_ms",  # mean training step
+    "update_bytes",  # gradients + optimizer state the backend held for the update
+    "backward_macs",  # backward multiply-accumulates per image the backend computed
+    "specialize_seconds",  # building the training graph specialised to this epoch's selection
 ]
 
 

@@ -64,7 +64,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
     train_limit: int | None = None  # use a fixed stratified subset of this many training images
-    backend: str | None = None  # ort-training | portable (default: ort-training where it is installed)
+    backend: str | None = None  # ort-training | portable | specialized (default: ort-training where it is installed)
+    bn_update: str = "always"  # always | selected (BatchNorm scale/bias train with their conv's channels; specialized only)
 
     def validate(self) -> None:
         if self.selector not in SELECTORS:
@@ -75,6 +76,10 @@ class TrainConfig:
             raise NeqError("--epochs must be >= 1 and --batch-size >= 2")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise NeqError(f"--lr must be a finite number above 0, not {self.lr}")
+        if self.bn_update not in ("always", "selected"):
+            raise NeqError(f"--bn-update must be always or selected, not {self.bn_update!r}")
+        if self.bn_update == "selected" and self.backend not in (None, "specialized"):
+            raise NeqError("--bn-update selected needs --backend specialized (the masked backends always train BatchNorm)")
         if not 0 < self.val_fraction < 1:
             raise NeqError("the validation fraction must lie strictly between 0 and 1")
         if self.velocity_images < 1:
@@ -141,7 +146,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
 def _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, notes: list[str]) -> TrainResult:
     run.create(settings)
     progress("start", _start_info(config, manifest, data, budget, notes))
-    session = open_backend(config.backend, config.artifacts, None, threads=config.threads)
+    session = open_backend(config.backend, config.artifacts, None, threads=config.threads, **_backend_options(config))
     return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(RunState(), {})
 
 
@@ -157,7 +162,7 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
     progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     checkpoint = run.path / state.checkpoint if state.checkpoint else None
-    session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads)
+    session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads, **_backend_options(config))
     return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(state, arrays)
 
 
@@ -186,8 +191,16 @@ def _make_dir(path: Path) -> None:
         raise environment_error(exc, "create", "choose another --out") from None
 
 
+def _backend_options(config: TrainConfig) -> dict:
+    return {"bn_update": config.bn_update} if config.backend == "specialized" else {}
+
+
 def _budget(config: TrainConfig, manifest: Manifest):
-    costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost, np.int64) for layer in manifest.layers])
+    """Costs per neuron: its conv parameters, + its BatchNorm scale and bias with --bn-update selected."""
+    bn = 2 if config.bn_update == "selected" else 0
+    costs = np.concatenate(
+        [np.full(layer.out_channels, layer.neuron_cost + (bn if layer.bn else 0), np.int64) for layer in manifest.layers]
+    )
     su_mask = _su_mask(config, manifest) if "su" in (config.selector, config.first_epoch_init) else None
     return costs, su_mask, resolve_budget(config, manifest, costs, su_mask)
 
@@ -373,8 +386,10 @@ class _Loop:
         selected = self._select(epoch, velocity)
         selection = time.perf_counter() - start
         masks = dict(zip(self.names, split_by_layer(selected, self.sizes)))
+        specialize_before = getattr(self.s, "specialize_seconds", 0.0)
         self.s.set_masks(masks)
-        loss, top1, lr = self._train_epoch(epoch)
+        specialize = getattr(self.s, "specialize_seconds", 0.0) - specialize_before
+        loss, top1, lr, step_ms = self._train_epoch(epoch)
         self.guard.epoch(epoch, loss)
         DivergenceGuard.weights(epoch, self.s.parameters())
         val, test = self._top1(self.d.val), self._top1(self.d.test)
@@ -394,6 +409,10 @@ class _Loop:
             "selected_neurons": int(selected.sum()),
             "epoch_seconds": f"{time.perf_counter() - start:.3f}",
             "selection_seconds": f"{selection:.3f}",
+            "step_ms": f"{step_ms:.2f}",
+            "update_bytes": self.s.update_bytes(),
+            "backward_macs": self.s.backward_macs(),
+            "specialize_seconds": f"{specialize:.3f}",
         }
         state = self._commit(epoch, row, masks, velocity, state, val)
         self.progress("epoch", row)
@@ -417,19 +436,22 @@ class _Loop:
         batches = [order[i : i + self.c.batch_size] for i in range(0, len(order), self.c.batch_size)]
         return [b for b in batches if len(b) >= 2]  # a batch of one breaks batch-statistics BatchNorm
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, float]:
+    def _train_epoch(self, epoch: int) -> tuple[float, float, float, float]:
         batches = self._batches(epoch)
-        losses, correct, seen, lr = [], 0, 0, 0.0
+        losses, correct, seen, lr, stepping = [], 0, 0, 0.0, 0.0
         for i, idx in enumerate(batches):
             step = epoch * self.steps_per_epoch + i
             lr = learning_rate(step, self.total_steps, self.c.lr, self.warmup_steps)
-            loss, logits = self.s.train_step(_prep(self.m, self.d.train.images[idx]), self.d.train.labels[idx], lr)
+            images = _prep(self.m, self.d.train.images[idx])
+            start = time.perf_counter()
+            loss, logits = self.s.train_step(images, self.d.train.labels[idx], lr)
+            stepping += time.perf_counter() - start
             self.guard.step(epoch, i, loss)
             losses.append(loss * len(idx))
             correct += int((logits.argmax(1) == self.d.train.labels[idx]).sum())
             seen += len(idx)
             self.progress("step", {"epoch": epoch, "epochs": self.c.epochs, "step": i + 1, "steps": len(batches), "loss": loss})
-        return sum(losses) / seen, correct / seen, lr
+        return sum(losses) / seen, correct / seen, lr, 1000 * stepping / max(1, len(batches))
 
     def _top1(self, split: Split) -> float:
         correct = 0
@@ -455,7 +477,9 @@ class _Loop:
     def _export_best(self, state: RunState) -> None:
         if state.best_checkpoint is None:
             return
-        best = open_backend(self.c.backend, self.c.artifacts, self.run_dir.path / state.best_checkpoint, threads=self.c.threads)
+        best = open_backend(
+            self.c.backend, self.c.artifacts, self.run_dir.path / state.best_checkpoint, threads=self.c.threads, **_backend_options(self.c)
+        )
         tmp = self.run_dir.path / ".model.onnx.tmp"
         try:
             best.export_inference(tmp)

@@ -8,8 +8,9 @@
     read_parameters(name, checkpoint_path, names) -> {name: array}   (without building sessions)
 
 Backends: "ort-training" (onnxruntime-training 1.19.2: ORT's training graph, optimizer graph and
-checkpoint format) and "portable" (stock onnxruntime: the lowered standard-ONNX training graph in
-an InferenceSession, SGD/AdamW on the host, numpy checkpoints). Nothing outside backends/ names
+checkpoint format), "portable" (stock onnxruntime: the lowered standard-ONNX training graph in
+an InferenceSession, SGD/AdamW on the host, numpy checkpoints) and "specialized" (portable, with
+each epoch's graph specialised to the selection: backprop costs what the budget buys). Nothing outside backends/ names
 an ORT class.
 """
 
@@ -36,6 +37,8 @@ class Backend(Protocol):
     def parameters(self) -> dict[str, np.ndarray]: ...
     def save_checkpoint(self, path: str | Path) -> None: ...
     def export_inference(self, path: str | Path) -> None: ...
+    def update_bytes(self) -> int: ...  # gradients + optimizer state held for an update
+    def backward_macs(self) -> int: ...  # backward MACs per image of a step with the current masks
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class BackendSpec:
 BACKENDS = {
     "ort-training": BackendSpec(".ort_training", "TrainingSession", "onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2)"),
     "portable": BackendSpec(".portable", "PortableBackend", "onnxruntime (pip install onnxruntime)"),
+    "specialized": BackendSpec(".specialized", "SpecializedBackend", "onnxruntime (pip install onnxruntime)"),
 }
 
 
@@ -76,8 +80,9 @@ def backend_class(name: str | None):
     return getattr(importlib.import_module(spec.module, __package__), spec.cls)
 
 
-def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0) -> Backend:
-    return backend_class(name)(artifacts_dir, checkpoint, threads=threads)
+def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, **options) -> Backend:
+    """`options`: backend-specific settings (bn_update for "specialized")."""
+    return backend_class(name)(artifacts_dir, checkpoint, threads=threads, **options)
 
 
 def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:

@@ -123,6 +123,19 @@ class TrainingSession:
         except RuntimeError as exc:
             raise _write_error(Path(path), exc) from None
 
+    specialize_seconds = 0.0  # one graph for every selection
+
+    def update_bytes(self) -> int:
+        """ORT keeps a gradient buffer (and AdamW's two moments) for every trainable parameter."""
+        state = 3 if self.manifest.optimizer == "adamw" else 1
+        trainable = {p for layer in self.manifest.layers for p in (layer.weight, layer.bias) if p} | set(self.manifest.always_trained)
+        return state * sum(self.state.parameters[p].data.nbytes for p in trainable)
+
+    def backward_macs(self) -> int:
+        from .portable import full_backward_macs
+
+        return full_backward_macs(self.dir, self.manifest)
+
     @staticmethod
     def read_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
         return checkpoint_parameters(path, names)

@@ -32,12 +32,10 @@ class PortableBackend:
         files = self.manifest.files
         if "portable_training_model" not in files or "parameters" not in files:
             raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
-        ort = onnxruntime()
-        options = session_options(threads)
-        self.train_session = ort.InferenceSession(
-            str(self.dir / files["portable_training_model"]), options, providers=["CPUExecutionProvider"]
+        self.options = session_options(threads)
+        self.eval_session = onnxruntime().InferenceSession(
+            str(self.dir / files["eval_model"]), self.options, providers=["CPUExecutionProvider"]
         )
-        self.eval_session = ort.InferenceSession(str(self.dir / files["eval_model"]), options, providers=["CPUExecutionProvider"])
         stored = _load_npz(checkpoint or self.dir / files["parameters"])
         self.params = {k: np.ascontiguousarray(v, dtype=v.dtype) for k, v in stored.items() if not k.startswith(OPTIMIZER_PREFIX)}
         self.optimizer = optimizer_for_manifest(self.manifest)
@@ -51,6 +49,17 @@ class PortableBackend:
     def _prepare_bindings(self) -> None:
         ort = onnxruntime()
         self._values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.params.items()}
+        self.stat_outputs = [name for s in self.manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
+        self._prepare_training()
+        self.eval_binding = self._bind_parameters(self.eval_session)
+        self.eval_outputs = [o.name for o in self.eval_session.get_outputs()]
+        for name in self.eval_outputs:
+            self.eval_binding.bind_output(name, "cpu")
+
+    def _prepare_training(self) -> None:
+        """The masked training graph, its parameters bound in place and its gradients into preallocated buffers."""
+        path = self.dir / self.manifest.files["portable_training_model"]
+        self.train_session = onnxruntime().InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
         outputs = [o.name for o in self.train_session.get_outputs()]
         self.grad_names = [name for name in outputs if name.endswith("_grad")]
         self.trainable = [name[: -len("_grad")] for name in self.grad_names]
@@ -58,17 +67,12 @@ class PortableBackend:
         if missing:
             raise NeqError(f"{self.dir}: parameters {missing[:3]} of the portable training model are not in the artifacts' parameters")
         self.grads = {p: np.zeros_like(self.params[p]) for p in self.trainable}
-        self.stat_outputs = [name for s in self.manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
         self.train_binding = self._bind_parameters(self.train_session)
         for p, g in zip(self.trainable, self.grad_names):
             buffer = self.grads[p]
             self.train_binding.bind_output(g, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         for name in (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs):
             self.train_binding.bind_output(name, "cpu")  # after the gradients: get_outputs() keeps binding order
-        self.eval_binding = self._bind_parameters(self.eval_session)
-        self.eval_outputs = [o.name for o in self.eval_session.get_outputs()]
-        for name in self.eval_outputs:
-            self.eval_binding.bind_output(name, "cpu")
         self.train_inputs = {i.name for i in self.train_session.get_inputs()}
 
     def _bind_parameters(self, session):
@@ -142,6 +146,15 @@ class PortableBackend:
         values = b.get_outputs()
         return [values[i].numpy() for i in range(len(self.eval_outputs) if taps else 2)]
 
+    # what a step costs ---------------------------------------------------------------------
+    def update_bytes(self) -> int:
+        """Gradients and optimizer state held for an update: every trainable parameter (masks zero, not skip)."""
+        state = sum(v.nbytes for k, v in self.optimizer.state_dict().items() if k != "step")  # AdamW's moments
+        return sum(g.nbytes for g in self.grads.values()) + state
+
+    def backward_macs(self) -> int:
+        return full_backward_macs(self.dir, self.manifest)
+
     # parameters --------------------------------------------------------------------------
     def parameter(self, name: str) -> np.ndarray:
         return self.params[name].copy()
@@ -173,6 +186,23 @@ class PortableBackend:
 
         model = inference_from_eval(onnx.load(str(self.dir / self.manifest.files["eval_model"])), self.params, self.manifest)
         onnx.save(model, str(path))
+
+
+_FULL_MACS: dict[str, int] = {}
+
+
+def full_backward_macs(artifacts: Path, manifest: Manifest) -> int:
+    """Backward MACs per image of the unspecialised graph (every gradient), once per artifacts directory."""
+    key = str(Path(artifacts).resolve())
+    if key not in _FULL_MACS:
+        import onnx
+
+        from .specialize import specialize
+
+        states = {layer.name: "all" for layer in manifest.layers}
+        _, report = specialize(onnx.load(str(Path(artifacts) / manifest.files["training_model"])), manifest, states, "always")
+        _FULL_MACS[key] = report.backward_macs()
+    return _FULL_MACS[key]
 
 
 def _load_npz(path: str | Path) -> dict[str, np.ndarray]:

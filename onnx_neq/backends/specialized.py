@@ -1,0 +1,107 @@
+"""The specialised portable backend: every epoch's training graph computes only what the selection trains.
+
+Like the portable backend (stock onnxruntime, host optimizer, .npz checkpoints), but `set_masks`
+turns the selection into per-layer states (none | some | all) and runs a graph specialised to them
+(backends/specialize.py): no weight gradient for frozen layers, no backward below the shallowest
+selected layer, weight gradients only for the selected channels of partly selected layers (an index
+input per layer). Graphs are cached by the tuple of states, so one graph serves every selection over
+the same layers. Gradients exist only for what trains: the update memory is the budget (plus the
+classifier and the BatchNorm parameters that train).
+
+SGD only (the paper's recipe): with SGD a step over the selected rows is the masked step exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import NeqError
+from ..ort_runtime import onnxruntime, session_options
+from .portable import PortableBackend, _f32
+from .specialize import channel_inputs, layer_states, specialize
+
+
+class SpecializedBackend(PortableBackend):
+    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, bn_update: str = "always"):
+        self.bn_update = bn_update
+        self.threads = threads
+        self._graphs: dict[tuple, tuple] = {}
+        self.specialize_seconds = 0.0
+        super().__init__(artifacts_dir, checkpoint, threads)
+        if self.manifest.optimizer != "sgd":
+            raise NeqError(
+                "--backend specialized trains with SGD (the paper's recipe); prepare with --optimizer sgd, or use --backend portable"
+            )
+        self._training_proto = onnx.load(str(self.dir / self.manifest.files["training_model"]))
+        self.set_masks(self.masks)
+
+    def _prepare_training(self) -> None:
+        """No masked training session: each selection gets its own (set_masks)."""
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        super().set_masks(masks)
+        states = layer_states(self.manifest, self.masks)
+        key = tuple(states[layer.name] for layer in self.manifest.layers)
+        if key not in self._graphs:
+            start = time.perf_counter()
+            model, report = specialize(self._training_proto, self.manifest, states, self.bn_update)
+            session = onnxruntime().InferenceSession(
+                model.SerializeToString(), session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+            self._graphs = {key: (session, report)}  # the newest only: memory is what a board lacks
+            self.specialize_seconds += time.perf_counter() - start
+        self.session, self.report = self._graphs[key]
+        self.channels = channel_inputs(self.manifest, self.masks)
+        self.rows = {
+            param: self.channels[f"{name}.neq_channels"]
+            for name, spec in self.report.layers.items()
+            if spec.channels_input
+            for param in self._layer_params(name)
+        }
+
+    def _layer_params(self, name: str) -> list[str]:
+        layer = next(layer for layer in self.manifest.layers if layer.name == name)
+        spec = self.report.layers[name]
+        return [p for p in (layer.weight, layer.bias) if p] + (list(spec.bn_params) if self.bn_update == "selected" else [])
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        feeds = {self.manifest.input.name: _f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
+        names = {i.name for i in self.session.get_inputs()}
+        feeds.update({name: value for name, value in self.params.items() if name in names})
+        outputs = [o.name for o in self.session.get_outputs()]
+        values = dict(zip(outputs, self.session.run(None, feeds)))
+        if self.manifest.bn_stats:
+            self._update_running_statistics([values[n] for n in self.stat_outputs], len(images))
+        lr32 = np.float32(lr)
+        for name in outputs:
+            if name.endswith("_grad"):
+                self._sgd(name[: -len("_grad")], values[name], lr32)
+        return float(values[self.manifest.loss_output]), values[self.manifest.logits_output]
+
+    def _sgd(self, param: str, grad: np.ndarray, lr: np.float32) -> None:
+        """w = w + (-lr * g), ORT's SGD kernel, on the selected rows only."""
+        w = self.params[param]
+        rows = self.rows.get(param)
+        if rows is None:
+            np.add(w, -lr * grad, out=w)
+        else:
+            w[rows] = w[rows] + (-lr * grad)
+
+    def update_bytes(self) -> int:
+        """Gradient bytes of this selection (SGD keeps no optimizer state)."""
+        total = 0
+        for name, _shape in self.report.gradient_outputs:
+            param = self.params[name[: -len("_grad")]]
+            rows = self.rows.get(name[: -len("_grad")])
+            total += param.itemsize * (param.size if rows is None else param[0].size * len(rows))
+        return total
+
+    def backward_macs(self) -> int:
+        return self.report.backward_macs({name: int(len(idx)) for name, idx in self._k().items()})
+
+    def _k(self) -> dict[str, np.ndarray]:
+        return {name: self.channels[spec.channels_input] for name, spec in self.report.layers.items() if spec.channels_input}
