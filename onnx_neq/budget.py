@@ -24,7 +24,7 @@ class Budget:
 
 
 def resolve_budget(config, manifest, costs: np.ndarray, su_mask: np.ndarray | None) -> Budget:
-    total = manifest.selectable_params
+    total = int(costs.sum())  # the selectable parameters (+ BatchNorm ones with --bn-update selected)
     if config.budget is not None and config.budget_ratio is not None:
         raise NeqError("give --budget or --budget-ratio, not both")
     if config.selector in ("full", "neq"):
