@@ -17,6 +17,7 @@ an ORT class.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -88,3 +89,29 @@ def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | 
 def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:
     """Parameters read from a checkpoint of backend `name`, without building sessions."""
     return backend_class(name).read_parameters(checkpoint, names)
+
+
+def checked_masks(layers: dict, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Masks by layer name as float32 vectors of the layer's width; NeqError for an unknown layer or a bad size."""
+    out = {}
+    for name, mask in masks.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise NeqError(f"no layer named {name!r} in the manifest")
+        mask = np.asarray(mask, np.float32).reshape(-1)
+        if mask.shape != (layer.out_channels,):
+            raise NeqError(f"mask for {name} has {mask.size} entries; the layer has {layer.out_channels} channels")
+        out[name] = mask
+    return out
+
+
+def updated_running_statistics(manifest: Manifest, outputs: list[np.ndarray], batch: int, running: Callable[[str], np.ndarray]):
+    """(name, new value) of every BatchNorm running statistic after a training step: running = (1 - m) *
+    running + m * batch statistic, PyTorch's train-mode update (unbiased variance). `outputs`: the batch
+    mean / inverse std pairs of manifest.bn_stats, in order."""
+    m = np.float32(manifest.bn_momentum)
+    for stat, mean, inv_std in zip(manifest.bn_stats, outputs[0::2], outputs[1::2]):
+        n = batch * stat["positions"]
+        variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
+        for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
+            yield name, ((1 - m) * running(name) + m * value.astype(np.float32)).astype(np.float32)

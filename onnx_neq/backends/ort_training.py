@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NeqError
 from ..manifest import Manifest, read_manifest
 from ..ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
+from .base import checked_masks, updated_running_statistics
 
 
 class TrainingSession:
@@ -35,14 +35,7 @@ class TrainingSession:
     # masks -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
         """Set the per-channel masks by layer name (missing layers keep their current mask)."""
-        for name, mask in masks.items():
-            layer = self.layers.get(name)
-            if layer is None:
-                raise NeqError(f"no layer named {name!r} in the manifest")
-            mask = np.asarray(mask, np.float32).reshape(-1)
-            if mask.shape != (layer.out_channels,):
-                raise NeqError(f"mask for {name} has {mask.size} entries; the layer has {layer.out_channels} channels")
-            self.masks[name] = mask
+        self.masks.update(checked_masks(self.layers, masks))
         self._snapshot_frozen()
 
     def _snapshot_frozen(self) -> None:
@@ -80,14 +73,8 @@ class TrainingSession:
         return float(loss), logits
 
     def _update_running_statistics(self, outputs, batch: int) -> None:
-        """running = (1 - m) * running + m * batch statistic, PyTorch's train-mode update (unbiased variance)."""
-        m = np.float32(self.manifest.bn_momentum)
-        for stat, mean, inv_std in zip(self.manifest.bn_stats, outputs[0::2], outputs[1::2]):
-            n = batch * stat["positions"]
-            variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
-            for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
-                running = self.state.parameters[name].data
-                self.state.parameters[name] = ((1 - m) * running + m * value.astype(np.float32)).astype(np.float32)
+        for name, value in updated_running_statistics(self.manifest, outputs, batch, lambda n: self.state.parameters[n].data):
+            self.state.parameters[name] = value
 
     def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits and the raw Conv outputs (taps, by layer name) of a batch in inference mode."""

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import NeqError
 from ..manifest import Manifest, read_manifest
 from ..ort_runtime import onnxruntime, session_options
+from .base import checked_masks, updated_running_statistics
 from .host_optim import optimizer_for_manifest
 
 OPTIMIZER_PREFIX = "optimizer/"
@@ -84,14 +85,7 @@ class PortableBackend:
 
     # masks -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
-        for name, mask in masks.items():
-            layer = self.layers.get(name)
-            if layer is None:
-                raise NeqError(f"no layer named {name!r} in the manifest")
-            mask = np.asarray(mask, np.float32).reshape(-1)
-            if mask.shape != (layer.out_channels,):
-                raise NeqError(f"mask for {name} has {mask.size} entries; the layer has {layer.out_channels} channels")
-            self.masks[name] = mask
+        self.masks.update(checked_masks(self.layers, masks))
 
     def _parameter_masks(self) -> dict[str, np.ndarray]:
         out = {}
@@ -120,14 +114,8 @@ class PortableBackend:
         return float(outputs[0]), outputs[1]
 
     def _update_running_statistics(self, outputs: list[np.ndarray], batch: int) -> None:
-        """running = (1 - m) * running + m * batch statistic (PyTorch's train mode, unbiased variance)."""
-        m = np.float32(self.manifest.bn_momentum)
-        for stat, mean, inv_std in zip(self.manifest.bn_stats, outputs[0::2], outputs[1::2]):
-            n = batch * stat["positions"]
-            variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
-            for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
-                running = self.params[name]
-                np.copyto(running, ((1 - m) * running + m * value.astype(np.float32)).astype(np.float32))
+        for name, value in updated_running_statistics(self.manifest, outputs, batch, self.params.__getitem__):
+            np.copyto(self.params[name], value)
 
     def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         outputs = self._eval(images, taps=True)

@@ -224,11 +224,11 @@ def specialize(
     del graph.output[:]
     graph.output.extend(kept)
 
-    nodes = _live(nodes, [o.name for o in kept])
+    nodes = _lower._live(nodes, [o.name for o in kept])
     _drop_unused_outputs(nodes, {o.name for o in kept})
     del graph.node[:]
     graph.node.extend(nodes)
-    forward = {id(n) for n in _live(nodes, [o.name for o in head] + keep_outputs)}
+    forward = {id(n) for n in _lower._live(nodes, [o.name for o in head] + keep_outputs)}
     other_macs = _other_backward_macs([n for n in nodes if id(n) not in forward], shapes)
     conv_of = {f"{layer.weight}_grad": name for name, layer in layers.items()}
     for node in nodes:
@@ -329,16 +329,6 @@ def _rename_value(consumers, producers, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    needed = set(outputs)
-    live = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output if o):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    return live[::-1]
 
 
 def _drop_unused_outputs(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> None:
