@@ -74,12 +74,8 @@ def host(d: str) -> None:
     # onnx_neq.ort_runtime imports onnxruntime(-training) without pulling in torch
     from onnx_neq.ort_runtime import inference_session, onnxruntime
 
-    ort = onnxruntime()
     run(d, inference_session, "host")
-    info = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
-    with open(os.path.join(d, "host_info.json"), "w") as f:
-        json.dump(info, f)
-    print(f"host : machine={info['machine']} python={info['python']} onnxruntime={info['onnxruntime']} numpy={info['numpy']}")
+    record(d, "host", onnxruntime().__version__)
 
 
 def board(d: str) -> None:
@@ -91,10 +87,15 @@ def board(d: str) -> None:
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
     run(d, factory, "board")
-    info = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
-    with open(os.path.join(d, "board_info.json"), "w") as f:
+    record(d, "board", ort.__version__)
+
+
+def record(d: str, side: str, onnxruntime_version: str) -> None:
+    """Write <side>_info.json (machine, versions) and print it."""
+    info = {"machine": platform.machine(), "python": platform.python_version(), "onnxruntime": onnxruntime_version, "numpy": np.__version__}
+    with open(os.path.join(d, f"{side}_info.json"), "w") as f:
         json.dump(info, f)
-    print(f"board: machine={info['machine']} python={info['python']} onnxruntime={info['onnxruntime']} numpy={info['numpy']}")
+    print(f"{side:<5}: machine={info['machine']} python={info['python']} onnxruntime={info['onnxruntime']} numpy={info['numpy']}")
 
 
 def compare(d: str) -> int:
