@@ -22,7 +22,7 @@ from .parameters import ParameterGroups
 from .passes.activation_rewrites import REWRITTEN_OPS
 from .passes.activation_taps import ActivationTapPass
 from .passes.batchnorm_inference import BatchNormInferencePass
-from .passes.batchnorm_statistics import BatchNormStatisticsPass, training_bn_positions
+from .passes.batchnorm_statistics import BatchNormStatisticsPass
 from .passes.gradient_masks import GradientMaskPass
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,16 @@ def generate(
     directory: Path,
     logits: str,
     weight_decay: float = 0.0,
+    bn_positions: dict[str, int] | None = None,
 ) -> ArtifactsReport:
-    """Write the four ORT artifacts into `directory` and apply masks and taps."""
+    """Write the ORT artifacts and the portable ones into `directory` and apply masks and taps.
+    `bn_positions`: running_mean -> H*W of each training-mode BatchNorm (their statistics become outputs)."""
     if optimizer not in OPTIMIZERS:
         raise NeqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
     _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), directory, logits)
     user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
-    stats = BatchNormStatisticsPass(training_bn_positions(model))
+    stats = BatchNormStatisticsPass(bn_positions or {})
     training = _rewrite(directory / FILES["training_model"], [masks, stats])
     taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
     _rewrite(directory / FILES["eval_model"], [bn, taps])

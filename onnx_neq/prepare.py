@@ -21,6 +21,7 @@ from .ort_runtime import artifacts_module
 from .parameters import ParameterGroups, group_parameters
 from .passes.activation_rewrites import ActivationRewritePass
 from .passes.batchnorm_affine import BatchNormAffinePass
+from .passes.batchnorm_statistics import training_bn_positions
 from .passes.classifier_head import ClassifierHeadPass
 from .passes.dropout_removal import DropoutRemovalPass
 
@@ -67,7 +68,8 @@ def prepare(
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
     groups = group_parameters(model, layers)  # before the rewrite below hides BatchNorm's parameters
-    geometry = layer_geometry(ir.serde.serialize_model(model), layers)
+    inferred = _with_shapes(ir.serde.serialize_model(model))
+    geometry, bn_positions = layer_geometry(inferred, layers), training_bn_positions(inferred)
     input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
     affine, rewrites = BatchNormAffinePass(), ActivationRewritePass()
     ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
@@ -77,7 +79,7 @@ def prepare(
     try:
         if weight_decay is None:
             weight_decay = 0.01 if optimizer == "adamw" else 0.0
-        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay)
+        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay, bn_positions)
         manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers, geometry)
         manifest.weight_decay = weight_decay
         manifest.output_activation = normalized.output_activation
@@ -169,12 +171,16 @@ def _manifest(
     )
 
 
-def layer_geometry(proto: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, tuple]:
-    """layer -> (input [C, H, W], output [C, H, W], [BN scale, BN bias]) from onnx's shape inference."""
+def _with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with onnx's shape inference filled in (as it is, where inference fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
+        return onnx.shape_inference.infer_shapes(proto)
     except Exception:
-        inferred = proto
+        return proto
+
+
+def layer_geometry(inferred: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, tuple]:
+    """layer -> (input [C, H, W], output [C, H, W], [BN scale, BN bias]) of a model with inferred shapes."""
     shapes = {}
     for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = [d.dim_value for d in v.type.tensor_type.shape.dim]

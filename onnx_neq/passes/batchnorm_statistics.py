@@ -48,12 +48,9 @@ class BatchNormStatisticsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.stats))
 
 
-def training_bn_positions(model) -> dict[str, int]:
+def training_bn_positions(inferred) -> dict[str, int]:
     """running_mean name -> H*W of the input, for every training-mode BatchNormalization of a forward
-    ModelProto (shapes from onnx's shape inference)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
+    ModelProto whose shapes onnx's shape inference has filled in."""
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.input]}
     out = {}
     for node in inferred.graph.node:
