@@ -32,7 +32,8 @@ class _Group(click.Group):
             if user is not None:
                 _fail(f"error: {user}", user.exit_code)
             if isinstance(exc, OSError):
-                _fail(f"error: {environment_error(exc)}", environment_error(exc).exit_code)
+                error = environment_error(exc)
+                _fail(f"error: {error}", error.exit_code)
             _fail(f"internal error: {exc.__class__.__name__}: {exc} (re-run with --debug for the traceback)", EXIT_UNEXPECTED)
 
 

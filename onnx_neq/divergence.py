@@ -36,7 +36,7 @@ class DivergenceGuard:
 
     @staticmethod
     def weights(epoch: int, parameters: dict[str, np.ndarray]) -> None:
-        bad = [name for name, value in parameters.items() if not np.all(np.isfinite(value))]
+        bad = non_finite(parameters)
         if bad:
             raise DivergedError(
                 f"training diverged in epoch {epoch}: non-finite weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"

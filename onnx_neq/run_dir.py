@@ -226,16 +226,9 @@ class RunDir:
     def _kept(self, records: list[CheckpointRecord], latest: int) -> list[CheckpointRecord]:
         """The two newest epochs and the best epoch as of each of them."""
         epochs = sorted(r.epoch for r in records if r.epoch <= latest)[-2:]
-        keep = set(epochs) | {self.best_upto(e)[0] for e in epochs}
+        rows = self.metrics()
+        keep = set(epochs) | {best_upto(rows, e)[0] for e in epochs}
         return sorted((r for r in records if r.epoch in keep), key=lambda r: r.epoch)
-
-    def best_upto(self, epoch: int) -> tuple[int, float]:
-        """(epoch, val top-1) of the best validation epoch among epochs <= epoch (the earliest on ties)."""
-        best = (-1, -1.0)
-        for row in self.metrics(epoch):
-            if float(row["val_top1"]) > best[1]:
-                best = (int(row["epoch"]), float(row["val_top1"]))
-        return best
 
     def _drop_unrecorded(self, state: RunState) -> None:
         recorded = {r.file for r in state.checkpoints} | {r.velocity for r in state.checkpoints}
@@ -282,7 +275,7 @@ class RunDir:
         return None
 
     def _rolled_back(self, state: RunState, epoch: int) -> RunState:
-        best_epoch, best_val = self.best_upto(epoch)
+        best_epoch, best_val = best_upto(self.metrics(), epoch)
         if state.record(best_epoch) is None:  # never expected: the best as of every kept epoch is kept
             best_epoch, best_val = epoch, float(self.metrics_by_epoch()[epoch]["val_top1"])
         return RunState(epoch, best_epoch, best_val, state.reference_loss, [r for r in state.checkpoints if r.epoch <= epoch])
@@ -290,6 +283,15 @@ class RunDir:
     def _load_velocity(self, record: CheckpointRecord) -> dict[str, np.ndarray]:
         with np.load(self.path / record.velocity) as z:
             return {k: z[k] for k in z.files}
+
+
+def best_upto(rows: list[dict], epoch: int) -> tuple[int, float]:
+    """(epoch, val top-1) of the best validation epoch among metrics rows of epochs <= epoch (the earliest on ties)."""
+    best = (-1, -1.0)
+    for row in rows:
+        if int(row["epoch"]) <= epoch and float(row["val_top1"]) > best[1]:
+            best = (int(row["epoch"]), float(row["val_top1"]))
+    return best
 
 
 def _read_json(path: Path) -> dict:

@@ -363,8 +363,8 @@ class _Loop:
         except DivergedError as exc:
             raise DivergedError(f"{exc}; {self._kept(state)}; lower --lr (this run: {self.c.lr:g}) and start a new run") from None
         self._export_best(state)
-        by_epoch = self.run_dir.metrics_by_epoch()
-        rows = [by_epoch[e] for e in sorted(by_epoch)]
+        rows = self.run_dir.metrics()
+        by_epoch = {int(r["epoch"]): r for r in rows}
         test = float(by_epoch[state.best_epoch]["test_top1"]) if state.best_epoch in by_epoch else float("nan")
         return TrainResult(self.run_dir.path, rows, state.best_epoch, state.best_val, test, self.budget, self.budget.warnings)
 

@@ -119,7 +119,7 @@ class TrainingSession:
         return state * sum(self.state.parameters[p].data.nbytes for p in trainable)
 
     def backward_macs(self) -> int:
-        from .portable import full_backward_macs
+        from .specialize import full_backward_macs
 
         return full_backward_macs(self.dir, self.manifest)
 

@@ -44,6 +44,7 @@ class PortableBackend:
             self.optimizer.load_state_dict({k[len(OPTIMIZER_PREFIX) :]: v for k, v in stored.items() if k.startswith(OPTIMIZER_PREFIX)})
         self.layers = {layer.name: layer for layer in self.manifest.layers}
         self.masks = {name: np.ones(layer.out_channels, np.float32) for name, layer in self.layers.items()}
+        self.param_masks = self._parameter_masks()
         self._prepare_bindings()
 
     # bindings ------------------------------------------------------------------------------
@@ -86,6 +87,7 @@ class PortableBackend:
     # masks -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
         self.masks.update(checked_masks(self.layers, masks))
+        self.param_masks = self._parameter_masks()
 
     def _parameter_masks(self) -> dict[str, np.ndarray]:
         out = {}
@@ -110,7 +112,7 @@ class PortableBackend:
         outputs = [values[len(self.grads) + i].numpy() for i in range(2 + len(self.stat_outputs))]
         if self.manifest.bn_stats:
             self._update_running_statistics(outputs[2:], len(images))
-        self.optimizer.step({p: self.params[p] for p in self.trainable}, self.grads, lr, self._parameter_masks())
+        self.optimizer.step({p: self.params[p] for p in self.trainable}, self.grads, lr, self.param_masks)
         return float(outputs[0]), outputs[1]
 
     def _update_running_statistics(self, outputs: list[np.ndarray], batch: int) -> None:
@@ -141,6 +143,8 @@ class PortableBackend:
         return sum(g.nbytes for g in self.grads.values()) + state
 
     def backward_macs(self) -> int:
+        from .specialize import full_backward_macs
+
         return full_backward_macs(self.dir, self.manifest)
 
     # parameters --------------------------------------------------------------------------
@@ -174,23 +178,6 @@ class PortableBackend:
 
         model = inference_from_eval(onnx.load(str(self.dir / self.manifest.files["eval_model"])), self.params, self.manifest)
         onnx.save(model, str(path))
-
-
-_FULL_MACS: dict[str, int] = {}
-
-
-def full_backward_macs(artifacts: Path, manifest: Manifest) -> int:
-    """Backward MACs per image of the unspecialised graph (every gradient), once per artifacts directory."""
-    key = str(Path(artifacts).resolve())
-    if key not in _FULL_MACS:
-        import onnx
-
-        from .specialize import specialize
-
-        states = {layer.name: "all" for layer in manifest.layers}
-        _, report = specialize(onnx.load(str(Path(artifacts) / manifest.files["training_model"])), manifest, states, "always")
-        _FULL_MACS[key] = report.backward_macs()
-    return _FULL_MACS[key]
 
 
 def _load_npz(path: str | Path) -> dict[str, np.ndarray]:

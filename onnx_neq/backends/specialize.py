@@ -32,6 +32,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -444,3 +445,16 @@ def _set_selected_shapes(model: onnx.ModelProto, plan, layers, specs) -> None:
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+_FULL_MACS: dict[str, int] = {}
+
+
+def full_backward_macs(artifacts: str | Path, manifest) -> int:
+    """Backward MACs per image of the unspecialised graph (every gradient), once per artifacts directory."""
+    key = str(Path(artifacts).resolve())
+    if key not in _FULL_MACS:
+        states = {layer.name: "all" for layer in manifest.layers}
+        _, report = specialize(onnx.load(str(Path(artifacts) / manifest.files["training_model"])), manifest, states, "always")
+        _FULL_MACS[key] = report.backward_macs()
+    return _FULL_MACS[key]

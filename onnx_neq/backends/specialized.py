@@ -55,6 +55,8 @@ class SpecializedBackend(PortableBackend):
             self._graphs = {key: (session, report)}  # the newest only: memory is what a board lacks
             self.specialize_seconds += time.perf_counter() - start
         self.session, self.report = self._graphs[key]
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.channels = channel_inputs(self.manifest, self.masks)
         self.rows = {
             param: self.channels[f"{name}.neq_channels"]
@@ -64,20 +66,18 @@ class SpecializedBackend(PortableBackend):
         }
 
     def _layer_params(self, name: str) -> list[str]:
-        layer = next(layer for layer in self.manifest.layers if layer.name == name)
+        layer = self.layers[name]
         spec = self.report.layers[name]
         return [p for p in (layer.weight, layer.bias) if p] + (list(spec.bn_params) if self.bn_update == "selected" else [])
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         feeds = {self.manifest.input.name: _f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
-        names = {i.name for i in self.session.get_inputs()}
-        feeds.update({name: value for name, value in self.params.items() if name in names})
-        outputs = [o.name for o in self.session.get_outputs()]
-        values = dict(zip(outputs, self.session.run(None, feeds)))
+        feeds.update({name: value for name, value in self.params.items() if name in self.inputs})
+        values = dict(zip(self.outputs, self.session.run(None, feeds)))
         if self.manifest.bn_stats:
             self._update_running_statistics([values[n] for n in self.stat_outputs], len(images))
         lr32 = np.float32(lr)
-        for name in outputs:
+        for name in self.outputs:
             if name.endswith("_grad"):
                 self._sgd(name[: -len("_grad")], values[name], lr32)
         return float(values[self.manifest.loss_output]), values[self.manifest.logits_output]
