@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
@@ -25,3 +26,5 @@ def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
     best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_top1"]), -i))
     assert float(rows[best]["test_top1"]) >= 0.90
     assert "test top-1" in result.stdout and (run / "model.onnx").exists()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"{settings['data']['train']:,} training images" in readme  # the README describes this run

@@ -123,6 +123,9 @@ def test_budget_above_the_total_is_said_before_the_first_epoch(tiny_artifacts, t
     warning = next(i for i, line in enumerate(lines) if "every neuron trains" in line)
     assert warning < next(i for i, line in enumerate(lines) if line.strip().startswith("0 "))
     assert "(100.0%;" in result.stderr
+    from onnx_neq.report import summarize
+
+    assert summarize(tmp_path / "run").budget_label == "100.0%"  # not "3048780.5%"
 
 
 # 2. bad data ------------------------------------------------------------------------------------------
