@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from .backends.base import BACKENDS
+from .cost_model import KINDS as COST_KINDS
 from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
+from .selector_registry import FIRST_EPOCH_RULES, SELECTORS
 
 
 class _Group(click.Group):
@@ -163,9 +165,42 @@ def _recipe_options(command):
         click.option(
             "--bn-update",
             type=click.Choice(["always", "selected"]),
-            default="always",
+            default=None,
+            help="BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized) [default: always; selected with --cost compute|memory].",
+        ),
+        click.option(
+            "--cost",
+            type=click.Choice(list(COST_KINDS)),
+            default=None,
+            help="What a selection costs: parameters (the paper), backward MACs per image, or bytes of training memory; compute and memory rank and fill within that unit, reach included, on --backend specialized [default: params, or the unit of --compute-budget/--memory-budget].",
+        ),
+        click.option(
+            "--phi",
+            type=click.Choice(["spatial", "flat"]),
+            default="spatial",
             show_default=True,
-            help="BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized).",
+            help="Velocity's phi: cosine over each image's positions (the paper), or over all images and positions at once (informative at 1x1 maps).",
+        ),
+        click.option(
+            "--rank-cost",
+            type=click.Choice(["exact", "authors"]),
+            default="exact",
+            show_default=True,
+            help="Cost that rankings divide by: exact, or a depthwise neuron at C_in times its weights (the authors' code); the budget counts exact costs.",
+        ),
+        click.option(
+            "--probe-batches",
+            type=click.IntRange(min=1),
+            default=2,
+            show_default=True,
+            help="gradnorm/fisher: training batches per epoch on which every channel's gradient is measured.",
+        ),
+        click.option(
+            "--gradnorm-pool",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="gradnorm: draw only from the N layers of largest gradient norm per parameter (0: every layer).",
         ),
         click.option(
             "--train-limit",
@@ -191,14 +226,24 @@ def _recipe_options(command):
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory [default: runs/SELECTOR-DATA-TIME]."
 )
-@click.option("--budget", type=click.IntRange(min=0), default=None, help="Max updated conv parameters per epoch.")
-@click.option("--budget-ratio", type=float, default=None, help="Budget as a fraction of the selectable parameters [default: 0.308].")
-@click.option("--selector", type=click.Choice(["velocity", "random", "su", "full", "neq"]), default="velocity", show_default=True)
+@click.option("--budget", type=click.IntRange(min=0), default=None, help="Max updated conv parameters per epoch (--cost params).")
+@click.option("--compute-budget", default=None, help="Max backward MACs per image, e.g. 120M (implies --cost compute).")
+@click.option("--memory-budget", default=None, help="Max training memory in bytes, e.g. 256KB (implies --cost memory).")
+@click.option(
+    "--budget-ratio", type=float, default=None, help="Budget as a fraction of the total in the cost model's unit [default: 0.308]."
+)
+@click.option(
+    "--selector",
+    type=click.Choice(list(SELECTORS)),
+    default="velocity",
+    show_default=True,
+    help="; ".join(f"{s.name}: {s.summary}" for s in SELECTORS.values()) + ".",
+)
 @click.option(
     "--init",
-    type=click.Choice(["random", "su", "full"]),
+    type=click.Choice(list(FIRST_EPOCH_RULES)),
     default=None,
-    help="First-epoch selection, before any velocity [default: random; full for neq].",
+    help="First-epoch selection of the selectors that need a trained epoch first (velocity, neq) [default: random; full for neq].",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -315,7 +360,7 @@ def _start_lines(info: dict) -> list[str]:
     lines = [
         f"model     {info['artifacts']} (from {Path(info['source_model']).name}: {info['layers']} convs, {info['neurons']:,} neurons, {info['num_classes']} classes)",
         f"data      {info['data']}: {train_n:,} train / {val_n:,} val / {test_n:,} test images",
-        f"budget    {b.params:,} of {b.total:,} selectable parameters ({min(b.ratio, 1):.1%}; {b.source}), selector {info['selector']}, {info['epochs']} epochs",
+        f"budget    {b.describe()}, selector {info['selector']}, {info['epochs']} epochs",
     ]
     if info.get("resumed_at") is not None:
         lines.append(f"resuming  at epoch {info['resumed_at']}")
@@ -347,9 +392,14 @@ def eval_command(model, data, classes, split) -> None:
     show_default=True,
     help="Data spec (repeat for more columns), e.g. fashion-mnist@5-9.",
 )
-@click.option("--methods", default="velocity,random,su,full", show_default=True, help="Comma-separated selectors.")
+@click.option(
+    "--methods",
+    default="velocity,random,su,full",
+    show_default=True,
+    help="Comma-separated selectors, each optionally with variant options: velocity[phi=flat;rank_cost=authors].",
+)
 @click.option("--budget-ratios", default="0.088,0.212,0.308", show_default=True, help="Comma-separated budget fractions.")
-@click.option("--seeds", default="0,42,100", show_default=True, help="Comma-separated seeds.")
+@click.option("--seeds", default="0,42,100,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for runs/ and report/.")
 @_recipe_options
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
@@ -363,7 +413,7 @@ def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **
     config = CompareConfig(
         data=list(datas),
         out=str(out),
-        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        methods=_methods(methods),
         budget_ratios=_floats(budget_ratios, "--budget-ratios"),
         seeds=[int(s) for s in seeds.split(",")],
         train_options=train_options,
@@ -371,6 +421,19 @@ def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **
     files = compare(config, artifacts_for, progress=_CompareProgress())
     click.echo(files["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _methods(text: str) -> list[str]:
+    """Split on commas outside brackets; inside them ';' or ',' separate variant options."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ";" if ch == "," else ch
+    return [p.strip().replace(";", ",") for p in [*parts, current] if p.strip()]
 
 
 class _CompareProgress(_Progress):

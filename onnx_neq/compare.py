@@ -1,5 +1,6 @@
 """`onnx-neq compare`: selectors x budgets x seeds x data sets from one command, then the report.
 
+A method is a selector name, optionally with variant options: velocity[phi=flat,rank_cost=authors].
 Runs land in OUT/runs/<data>/<method>-<budget>-seed<seed>/; a finished run is skipped and an
 interrupted one resumed, so re-running the same command continues a long comparison.
 """
@@ -14,11 +15,13 @@ from .errors import NeqError
 from .manifest import read_manifest
 from .report import write_report
 from .run_dir import RunDir
+from .selector_registry import SELECTORS, method_label, parse_method
 from .selectors import SU_SCHEMES
 from .su_schemes import MOBILENET_V2_CONVS, scheme_params
-from .train import SELECTORS, TrainConfig, train
+from .train import TrainConfig, train
 
 PAPER_RATIOS = (0.088, 0.212, 0.308)
+DEFAULT_SEEDS = (0, 42, 100, 1, 2)
 
 
 @dataclass
@@ -28,7 +31,7 @@ class CompareConfig:
     artifacts: str | None = None
     methods: list[str] = field(default_factory=lambda: ["velocity", "random", "su", "full"])
     budget_ratios: list[float] = field(default_factory=lambda: list(PAPER_RATIOS))
-    seeds: list[int] = field(default_factory=lambda: [0, 42, 100])
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     train_options: dict = field(default_factory=dict)  # epochs, lr, batch_size, ... as for train
 
 
@@ -44,30 +47,31 @@ class PlannedRun:
 
 
 def plan(config: CompareConfig, artifacts_for: Callable[[str], str]) -> list[PlannedRun]:
-    bad = [m for m in config.methods if m not in SELECTORS]
-    if bad:
-        raise NeqError(f"unknown methods {bad}; choose from {', '.join(SELECTORS)}")
+    methods = [parse_method(m) for m in config.methods]
     runs = []
     for data in config.data:
         artifacts = artifacts_for(data)
         manifest = read_manifest(artifacts)
         for seed in config.seeds:
-            for method in config.methods:
-                for ratio in [None] if method in ("full", "neq") else config.budget_ratios:
-                    runs.append(_planned(config, data, artifacts, manifest, method, ratio, seed))
+            for method, variant in methods:
+                for ratio in config.budget_ratios if SELECTORS[method].budgeted else [None]:
+                    runs.append(_planned(config, data, artifacts, manifest, method, variant, ratio, seed))
     return runs
 
 
-def _planned(config: CompareConfig, data: str, artifacts: str, manifest, method: str, ratio: float | None, seed: int) -> PlannedRun:
+def _planned(
+    config: CompareConfig, data: str, artifacts: str, manifest, method: str, variant: dict, ratio: float | None, seed: int
+) -> PlannedRun:
     label = "100%" if ratio is None else f"{ratio:.1%}"
-    options = dict(config.train_options)
+    options = {**config.train_options, **variant}
     options.update(artifacts=artifacts, data=data, selector=method, seed=seed, budget_label=label)
-    if method == "su":
+    if method == "su" and options.get("cost") in (None, "params"):
         options["su_scheme"] = str(nearest_su_scheme(manifest, int(manifest.selectable_params * ratio)))
     elif ratio is not None:
         options["budget_ratio"] = ratio
     slug = data.replace(":", "_").replace("/", "_").replace("@", "_")
-    name = f"{method}-seed{seed}" if ratio is None else f"{method}-{label.replace('%', 'pct')}-seed{seed}"
+    tag = method_label(method, options).replace("[", "-").replace("]", "").replace(",", "-").replace("=", "_")
+    name = f"{tag}-seed{seed}" if ratio is None else f"{tag}-{label.replace('%', 'pct')}-seed{seed}"
     path = Path(config.out) / "runs" / slug / name
     return PlannedRun(path, TrainConfig(out=str(path), **options))
 

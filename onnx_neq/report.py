@@ -19,8 +19,7 @@ import numpy as np
 
 from .errors import NeqError
 from .run_dir import RunDir
-
-METHOD_ORDER = ("velocity", "random", "su", "neq", "full")
+from .selector_registry import SELECTORS, method_label
 
 
 @dataclass
@@ -56,9 +55,11 @@ def summarize(path: str | Path) -> RunSummary:
     test_at = {int(r["epoch"]): float(r["test_top1"]) for r in rows}
     updated = np.mean([int(r["updated_params"]) for r in rows[1:] or rows]) / budget["total"]
     data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
-    method = config["selector"]
-    ratio = 1.0 if method in ("full", "neq") else min(1.0, budget["params"] / budget["total"])  # a budget above the total trains all
-    label = config.get("budget_label") or ("100%" if method in ("full", "neq") else f"{ratio:.1%}")
+    method = method_label(config["selector"], config)
+    budgeted = SELECTORS[config["selector"]].budgeted if config["selector"] in SELECTORS else True
+    amount = budget.get("amount", budget.get("params"))  # "params" in runs from before the cost models
+    ratio = min(1.0, amount / budget["total"]) if budgeted else 1.0  # a budget above the total trains all
+    label = config.get("budget_label") or (f"{ratio:.1%}" if budgeted else "100%")
     return RunSummary(
         run.path,
         data,
@@ -72,7 +73,7 @@ def summarize(path: str | Path) -> RunSummary:
         float(updated),
         len(rows),
         test,
-        config.get("su_scheme") if method == "su" else None,
+        config.get("su_scheme") if config["selector"] == "su" else None,
         _mean_step_ms(rows),
         config.get("backend") or "",
     )
@@ -129,12 +130,21 @@ def results_csv(runs: list[RunSummary]) -> str:
     return out.getvalue()
 
 
-def _method_key(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+def _method_key(method: str) -> tuple[int, str]:
+    """Registry order of the selector, then its variants by name."""
+    order = list(SELECTORS)
+    name = method.split("[")[0]
+    return (order.index(name) if name in order else len(order), method)
+
+
+def _unbudgeted(method: str) -> bool:
+    name = method.split("[")[0]
+    return name in SELECTORS and not SELECTORS[name].budgeted
 
 
 def results_markdown(runs: list[RunSummary]) -> str:
-    """Rows budget x method, columns data sets; mean +- std over seeds (in %), best per budget bold."""
+    """Rows budget x method, columns data sets; mean and 95% confidence interval over seeds (in %), best
+    per budget bold; then the paired comparisons."""
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     su_notes: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in runs:
@@ -142,7 +152,7 @@ def results_markdown(runs: list[RunSummary]) -> str:
         if r.method == "su":
             su_notes[(r.budget_label, r.data)].add(f"{r.data}: scheme {r.scheme or '?'}, {r.budget_ratio:.1%}")
     datas = sorted({r.data for r in runs})
-    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=_budget_key)
+    budgets = sorted({r.budget_label for r in runs if not _unbudgeted(r.method)}, key=_budget_key)
     lines = ["| budget | method | " + " | ".join(datas) + " |", "|---|---|" + "---|" * len(datas)]
     for budget in budgets + ["100%"]:
         methods = sorted({m for (b, m, _) in cells if b == budget}, key=_method_key)
@@ -153,7 +163,7 @@ def results_markdown(runs: list[RunSummary]) -> str:
     seeds = sorted({r.seed for r in runs})
     lines.append("")
     lines.append(
-        f"Test top-1 (%) at the best validation epoch, mean ± std over seeds {', '.join(map(str, seeds))}; best per budget in bold."
+        f"Test top-1 (%) at the best validation epoch, mean ± half-width of the 95% Student-t confidence interval over seeds {', '.join(map(str, seeds))} (± 0 with a single seed); best per budget in bold."
     )
     if su_notes:
         notes = "; ".join(
@@ -162,7 +172,39 @@ def results_markdown(runs: list[RunSummary]) -> str:
         lines.append(
             f"su runs the built-in Sparse Update scheme nearest each budget, which trains its own share of the conv parameters ({notes})."
         )
-    return "\n".join(lines)
+    return "\n".join(lines + paired_markdown(runs))
+
+
+def comparison_pairs(methods: set[str]) -> list[tuple[str, str]]:
+    """velocity vs random, and every other budgeted method (new selectors, variants) vs velocity and vs random."""
+    pairs = [("velocity", "random")] if {"velocity", "random"} <= methods else []
+    for m in sorted(methods, key=_method_key):
+        if m not in ("velocity", "random") and not _unbudgeted(m):
+            pairs += [(m, base) for base in ("velocity", "random") if base in methods]
+    return pairs
+
+
+def paired_markdown(runs: list[RunSummary]) -> list[str]:
+    """The paired comparisons: a pair = the same data set, budget and seed; pooled, then per data set."""
+    from .statistics import format_paired_markdown, paired_table
+
+    records = [{"method": r.method, "data": r.data, "budget": r.budget_label, "seed": r.seed, "top1": r.test_at_best_val} for r in runs]
+    per_data = len({r.data for r in runs}) > 1
+    results = paired_table(records, comparison_pairs({r.method for r in runs}), tie=PAIRED_TIE, per_data=per_data)
+    if not results:
+        return []
+    return [
+        "",
+        "Paired comparisons (a pair: same data set, budget and seed"
+        + ("; each comparison pooled over data sets, then per data set):" if per_data else "):"),
+        "",
+        format_paired_markdown(results),
+        "",
+        f"W/T/L: runs where A's test top-1 is above / within {100 * PAIRED_TIE:.2f} points of / below B's. p: two-sided Wilcoxon signed-rank and paired t-test.",
+    ]
+
+
+PAIRED_TIE = 0.0005  # a tie: within 0.05 points of top-1 (one image in 2000)
 
 
 def _budget_key(label: str) -> float:
@@ -170,9 +212,12 @@ def _budget_key(label: str) -> float:
 
 
 def _cell(values: list[float] | None, best: float | None) -> str:
+    from .statistics import mean_ci
+
     if not values:
         return "–"
-    text = f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+    mean, half = mean_ci(values) if len(values) > 1 else (values[0], 0.0)
+    text = f"{mean:.2f} ± {half:.2f}"
     return f"**{text}**" if best is not None and np.isclose(np.mean(values), best) else text
 
 
@@ -180,16 +225,16 @@ def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
     """Test top-1 per epoch: a row per data set, a column per budget, a line per method (mean over seeds)."""
     plt = _pyplot()
     datas = sorted({r.data for r in runs})
-    budgets = sorted({r.budget_label for r in runs if r.method not in ("full", "neq")}, key=_budget_key) or ["100%"]
+    budgets = sorted({r.budget_label for r in runs if not _unbudgeted(r.method)}, key=_budget_key) or ["100%"]
     fig, axes = plt.subplots(len(datas), len(budgets), figsize=(4.5 * len(budgets), 3.4 * len(datas)), squeeze=False)
     for row, data in enumerate(datas):
         for col, budget in enumerate(budgets):
             ax = axes[row][col]
-            for method in METHOD_ORDER:
+            for method in sorted({r.method for r in runs}, key=_method_key):
                 curves = [
                     r.test_curve
                     for r in runs
-                    if r.data == data and r.method == method and (r.budget_label == budget or method in ("full", "neq"))
+                    if r.data == data and r.method == method and (r.budget_label == budget or _unbudgeted(method))
                 ]
                 if curves:
                     n = min(len(c) for c in curves)
@@ -219,7 +264,7 @@ def plot_accuracy_vs_step(runs: list[RunSummary], path: Path) -> Path:
         backends = {key[2] for key in groups}
         for (method, label, backend), members in sorted(groups.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1]))):
             x, y = np.mean([m.step_ms for m in members]), 100 * np.mean([m.test_at_best_val for m in members])
-            ax.scatter(x, y, color=f"C{_method_key(method)}", label=method)
+            ax.scatter(x, y, color=f"C{_method_key(method)[0]}", label=method)
             ax.annotate(label + (f" {backend}" if len(backends) > 1 else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))

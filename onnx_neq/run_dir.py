@@ -48,6 +48,10 @@ METRICS = [
     "update_bytes",  # gradients + optimizer state the backend held for the update
     "backward_macs",  # backward multiply-accumulates per image the backend computed
     "specialize_seconds",  # building the training graph specialised to this epoch's selection
+    "cost_params",  # this epoch's selection under each cost model (docs/ALGORITHM.md, "Cost models")
+    "cost_macs",  # backward MACs per image (blank: the model has no static shapes)
+    "cost_bytes",  # training memory in bytes at the run's batch size (blank: no static shapes)
+    "probe_seconds",  # gradient statistics for gradnorm / fisher (probe batches)
 ]
 
 
@@ -177,7 +181,7 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         """Add (or replace) the row of row['epoch']."""
         rows = [r for r in self.metrics() if int(r["epoch"]) != int(row["epoch"])]
-        rows.append({k: row[k] for k in METRICS})
+        rows.append({k: row.get(k, "") for k in METRICS})
         self._write_metrics(sorted(rows, key=lambda r: int(r["epoch"])))
 
     def metrics(self, upto: int | None = None) -> list[dict]:

@@ -78,7 +78,7 @@ def train_summary(result, with_table: bool = True) -> str:
         [table(rows, ("epoch", "lr", "train loss", "train top1", "val top1", "test top1", "updated", "neurons")), ""] if with_table else []
     )
     lines += [
-        f"budget        {b.params:,} of {b.total:,} selectable parameters ({min(b.ratio, 1):.1%}; {b.source})",
+        f"budget        {b.describe()}",
         f"best val      epoch {result.best_epoch}: val top-1 {result.best_val:.4f}, test top-1 {result.test_at_best_val:.4f}",
         f"final         test top-1 {float(result.rows[-1]['test_top1']):.4f}" if result.rows else "final         no epoch ran",
         f"run           {result.run_dir}/ (metrics.csv, masks/, model.onnx = weights of the best val epoch)",

@@ -1,6 +1,6 @@
 """`onnx-neq train`: budgeted fine-tuning on ONNX Runtime, masks chosen between epochs.
 
-per epoch:  masks = selector(velocity, costs, budget)  ->  SGD/AdamW steps with the masks as inputs
+per epoch:  masks = selector(statistics, cost model, budget)  ->  SGD/AdamW steps with the masks as inputs
             ->  val/test top-1  ->  taps of the velocity set  ->  phi  ->  velocity  ->  checkpoint
 Imports no torch: the ORT side goes through ort_runtime, the selectors are numpy.
 """
@@ -18,24 +18,29 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import default_backend, open_backend, read_parameters
-from .budget import Budget, resolve_budget
+from .budget import AMOUNT_OPTIONS, Budget, requested_amount, resolve_budget
+from .cost_model import KINDS as COST_KINDS
+from .cost_model import CostModel, cost_model
 from .data import Dataset, Split, load_dataset, preprocess, select_classes, split_validation
 from .default_model import artifacts_with_head, head_change
 from .divergence import DivergenceGuard, non_finite
 from .errors import DivergedError, NeqError, environment_error
 from .evaluate import record_normalization
+from .gradient_selectors import RunningNorm
+from .gradient_stats import accumulate
 from .manifest import Manifest, artifacts_fingerprint, read_manifest
 from .run_dir import RunDir, RunState
 from .run_lock import RunLock
 from .schedule import learning_rate
-from .selectors import select_full, select_neq, select_random, select_su, select_velocity, split_by_layer
+from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, SELECTORS, WEIGHT_NORMS, SelectionInputs, needs
+from .selectors import SU_SCHEMES, select_su, split_by_layer
 from .su_schemes import load_su_scheme
-from .velocity import VelocityState, layer_phi
+from .velocity import PHI_MODES, VelocityState, layer_phi
 
 log = logging.getLogger(__name__)
 
-SELECTORS = ("velocity", "random", "su", "full", "neq")
-INITS = ("random", "su", "full")
+RANK_COSTS = ("exact", "authors")
+GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the velocity buffers
 
 
 @dataclass
@@ -65,13 +70,26 @@ class TrainConfig:
     budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
     train_limit: int | None = None  # use a fixed stratified subset of this many training images
     backend: str | None = None  # ort-training | portable | specialized (default: ort-training where it is installed)
-    bn_update: str = "always"  # always | selected (BatchNorm scale/bias train with their conv's channels; specialized only)
+    bn_update: str | None = None  # always | selected (BatchNorm scale/bias train with their conv's channels; specialized only)
+    cost: str | None = None  # params | compute | memory (default: params, or the unit of --compute-budget / --memory-budget)
+    compute_budget: str | None = None  # backward MACs per image, e.g. "120M"
+    memory_budget: str | None = None  # bytes of training memory, e.g. "256KB"
+    phi: str = "spatial"  # spatial | flat
+    rank_cost: str = "exact"  # exact | authors (a depthwise neuron ranked at groups x its cost)
+    probe_batches: int = 2  # batches per epoch on which gradnorm / fisher measure every channel's gradient
+    gradnorm_pool: int = 0  # gradnorm draws only from this many layers of largest gradient norm per parameter (0: all)
 
     def validate(self) -> None:
         if self.selector not in SELECTORS:
             raise NeqError(f"--selector must be one of {', '.join(SELECTORS)}, not {self.selector!r}")
-        if self.init is not None and self.init not in INITS:
-            raise NeqError(f"--init must be one of {', '.join(INITS)}, not {self.init!r}")
+        if self.init is not None and self.init not in FIRST_EPOCH_RULES:
+            raise NeqError(f"--init must be one of {', '.join(FIRST_EPOCH_RULES)}, not {self.init!r}")
+        self._validate_cost()
+        for flag, value, choices in (("--phi", self.phi, PHI_MODES), ("--rank-cost", self.rank_cost, RANK_COSTS)):
+            if value not in choices:
+                raise NeqError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+        if self.probe_batches < 1 or self.gradnorm_pool < 0:
+            raise NeqError("--probe-batches must be at least 1 and --gradnorm-pool at least 0")
         if self.epochs < 1 or self.batch_size < 2:
             raise NeqError("--epochs must be >= 1 and --batch-size >= 2")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -85,9 +103,35 @@ class TrainConfig:
         if self.velocity_images < 1:
             raise NeqError("--velocity-images must be at least 1")
 
+    def _validate_cost(self) -> None:
+        """--cost and the budget options agree on one unit; compute and memory imply --bn-update selected
+        and the specialised backend (the masked ones run the whole backward pass whatever is selected)."""
+        if self.cost is not None and self.cost not in COST_KINDS:
+            raise NeqError(f"--cost must be one of {', '.join(COST_KINDS)}, not {self.cost!r}")
+        kind = self.cost_kind
+        for option in AMOUNT_OPTIONS.values():
+            if getattr(self, option) is not None and option != AMOUNT_OPTIONS[kind]:
+                raise NeqError(
+                    f"--{option.replace('_', '-')} is a budget in another unit than --cost {kind}; give --{AMOUNT_OPTIONS[kind].replace('_', '-')} or --budget-ratio"
+                )
+        if kind != "params":
+            if self.bn_update == "always":
+                raise NeqError(f"--cost {kind} trains a channel's BatchNorm with it (--bn-update selected); drop --bn-update always")
+            if self.backend not in (None, "specialized"):
+                raise NeqError(f"--cost {kind} needs --backend specialized: the masked backends compute the whole backward pass")
+            self.bn_update, self.backend = "selected", "specialized"
+        self.bn_update = self.bn_update or "always"
+
+    @property
+    def cost_kind(self) -> str:
+        """--cost, or the unit of the budget option given (--compute-budget, --memory-budget), or params."""
+        if self.cost is not None:
+            return self.cost
+        return next((kind for kind, option in AMOUNT_OPTIONS.items() if kind != "params" and getattr(self, option) is not None), "params")
+
     @property
     def first_epoch_init(self) -> str:
-        return self.init or ("full" if self.selector == "neq" else "random")
+        return self.init or SELECTORS[self.selector].first_epoch or "random"
 
 
 @dataclass
@@ -133,21 +177,21 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
         config.artifacts, head_note = str(artifacts_with_head(config.artifacts, dataset.num_classes)), [head_change(manifest, dataset)]
         manifest = read_manifest(config.artifacts)
     data = _load_data(config, manifest, dataset)
-    costs, su_mask, budget = _budget(config, manifest)
+    models, su_mask, budget = _budget(config, manifest)
     if not run.exists():
         run.check_new()  # before creating anything; an existing run is reported after the lock (it may be in use)
     _make_dir(run.path)
     with RunLock(run.path):
         run.check_new()  # another process may have started a run here meanwhile
         settings = _settings(config, manifest, data, budget)
-        return _guarded(run, lambda: _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, head_note))
+        return _guarded(run, lambda: _start(run, settings, config, manifest, data, models, budget, su_mask, progress, head_note))
 
 
-def _start(run, settings, config, manifest, data, costs, budget, su_mask, progress, notes: list[str]) -> TrainResult:
+def _start(run, settings, config, manifest, data, models, budget, su_mask, progress, notes: list[str]) -> TrainResult:
     run.create(settings)
     progress("start", _start_info(config, manifest, data, budget, notes))
     session = open_backend(config.backend, config.artifacts, None, threads=config.threads, **_backend_options(config))
-    return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(RunState(), {})
+    return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(RunState(), {})
 
 
 def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress) -> TrainResult:
@@ -158,12 +202,12 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     manifest = read_manifest(config.artifacts)
     _check_fingerprint(run, settings, config)
     data = _load_data(config, manifest)
-    costs, su_mask, budget = _budget(config, manifest)
+    models, su_mask, budget = _budget(config, manifest)
     state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
     progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     checkpoint = run.path / state.checkpoint if state.checkpoint else None
     session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads, **_backend_options(config))
-    return _Loop(config, manifest, data, session, run, costs, budget, su_mask, progress).run(state, arrays)
+    return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(state, arrays)
 
 
 def _guarded(run: RunDir, body: Callable[[], TrainResult]) -> TrainResult:
@@ -195,14 +239,20 @@ def _backend_options(config: TrainConfig) -> dict:
     return {"bn_update": config.bn_update} if config.backend == "specialized" else {}
 
 
-def _budget(config: TrainConfig, manifest: Manifest):
-    """Costs per neuron: its conv parameters, + its BatchNorm scale and bias with --bn-update selected."""
-    bn = 2 if config.bn_update == "selected" else 0
-    costs = np.concatenate(
-        [np.full(layer.out_channels, layer.neuron_cost + (bn if layer.bn else 0), np.int64) for layer in manifest.layers]
-    )
-    su_mask = _su_mask(config, manifest) if "su" in (config.selector, config.first_epoch_init) else None
-    return costs, su_mask, resolve_budget(config, manifest, costs, su_mask)
+def _budget(config: TrainConfig, manifest: Manifest) -> tuple[dict[str, CostModel], np.ndarray | None, Budget]:
+    """The cost models (each that the model's shapes allow; the run's own must work), the Sparse Update
+    mask where a selector needs it, and the budget in the unit of the run's cost model."""
+    models = {}
+    for kind in COST_KINDS:
+        try:
+            models[kind] = cost_model(kind, manifest, config.bn_update, config.batch_size)
+        except NeqError:
+            if kind == config.cost_kind:
+                raise
+    model = models[config.cost_kind]
+    wanted = needs([config.selector], WEIGHT_NORMS) or config.first_epoch_init == "su"
+    su_mask = _su_mask(config, manifest, model) if wanted else None
+    return models, su_mask, resolve_budget(config, model, su_mask)
 
 
 def _start_info(config, manifest: Manifest, data: _Data, budget: Budget, notes: list[str], resumed_at: int | None = None) -> dict:
@@ -316,12 +366,20 @@ def _prep(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     return preprocess(images, spec.shape[2], spec.shape[1], spec.mean, spec.std)
 
 
-def _su_mask(config: TrainConfig, manifest: Manifest) -> np.ndarray:
-    """Static: from the pretrained weights in the artifacts' checkpoint, also when resuming."""
-    scheme = load_su_scheme(config.su_scheme, manifest, config.budget, config.budget_ratio)
+def _su_mask(config: TrainConfig, manifest: Manifest, model: CostModel) -> np.ndarray:
+    """Static: from the pretrained weights in the artifacts' checkpoint, also when resuming. Without
+    --su-scheme, the largest built-in scheme whose cost (in the run's unit) fits the budget."""
     weights = initial_parameters(config.artifacts, manifest, [layer.weight for layer in manifest.layers])
     norms = [np.linalg.norm(weights[layer.weight].reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
-    return select_su(norms, scheme)
+    if config.su_scheme is not None or model.kind == "params":
+        return select_su(norms, load_su_scheme(config.su_scheme, manifest, config.budget, config.budget_ratio))
+    load_su_scheme("1", manifest, None, None)  # the MobileNetV2 check, with its error
+    amount = requested_amount(config, model)
+    masks = [select_su(norms, scheme) for scheme in SU_SCHEMES.values()]
+    fitting = [mask for mask in masks if model.cost(mask) <= amount]
+    if not fitting:
+        raise NeqError(f"no built-in Sparse Update scheme fits the budget of {amount:,} {model.unit}; raise it or pass --su-scheme FILE")
+    return max(fitting, key=model.cost)
 
 
 def initial_parameters(artifacts: str | Path, manifest: Manifest, names: list[str]) -> dict[str, np.ndarray]:
@@ -343,9 +401,12 @@ def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budg
 
 
 class _Loop:
-    def __init__(self, config, manifest, data, session, run, costs, budget, su_mask, progress):
+    def __init__(self, config, manifest, data, session, run, models, budget, su_mask, progress):
         self.c, self.m, self.d, self.s, self.run_dir = config, manifest, data, session, run
-        self.costs, self.budget, self.su_mask, self.progress = costs, budget, su_mask, progress
+        self.models, self.budget, self.su_mask, self.progress = models, budget, su_mask, progress
+        self.model = models[config.cost_kind]
+        self.rank_costs = _rank_costs(self.model, manifest, config.rank_cost)
+        self.probe = _probe(config) if needs([config.selector], GRADIENT_NORMS) or needs([config.selector], FISHER) else None
         self.sizes = [layer.out_channels for layer in manifest.layers]
         self.names = [layer.name for layer in manifest.layers]
         self.steps_per_epoch = len(self._batches(0))
@@ -354,6 +415,8 @@ class _Loop:
 
     def run(self, state: RunState, arrays: dict[str, np.ndarray]) -> TrainResult:
         velocity = self._velocity_state(arrays)
+        saved = {k[len(GRADNORM_PREFIX) :]: v for k, v in arrays.items() if k.startswith(GRADNORM_PREFIX)}
+        self.norms = RunningNorm.from_arrays(saved) if saved else RunningNorm(self.m.neurons)
         self.guard = DivergenceGuard(state.reference_loss, self.m.num_classes)
         self.run_dir.truncate_metrics(state.epoch)
         taps = self._taps()  # epoch -1 (pretrained), or the end of the last finished epoch
@@ -378,13 +441,16 @@ class _Loop:
     def _velocity_state(self, arrays) -> VelocityState:
         if arrays:
             return VelocityState.from_arrays(arrays, self.c.mu, self.c.recurrence)
-        return VelocityState(int(self.costs.size), self.c.mu, self.c.recurrence)
+        return VelocityState(self.m.neurons, self.c.mu, self.c.recurrence)
 
     # one epoch -----------------------------------------------------------------------------
     def _epoch(self, epoch: int, taps, velocity: VelocityState, state: RunState):
         start = time.perf_counter()
-        selected = self._select(epoch, velocity)
-        selection = time.perf_counter() - start
+        fisher, probe_seconds = self._probe(epoch)
+        selection_start = time.perf_counter()
+        selected = self._select(epoch, velocity, fisher)
+        self.norms.mark_trained(selected)
+        selection = time.perf_counter() - selection_start
         masks = dict(zip(self.names, split_by_layer(selected, self.sizes)))
         specialize_before = getattr(self.s, "specialize_seconds", 0.0)
         self.s.set_masks(masks)
@@ -395,7 +461,7 @@ class _Loop:
         val, test = self._top1(self.d.val), self._top1(self.d.test)
         tap_start = time.perf_counter()
         new_taps = self._taps()
-        velocity.update(layer_phi(new_taps, taps, self.names))
+        velocity.update(layer_phi(new_taps, taps, self.names, self.c.phi))
         selection += time.perf_counter() - tap_start
         row = {
             "epoch": epoch,
@@ -404,8 +470,8 @@ class _Loop:
             "train_top1": f"{top1:.4f}",
             "val_top1": f"{val:.4f}",
             "test_top1": f"{test:.4f}",
-            "updated_params": int(self.costs[selected].sum()),
-            "budget": self.budget.params,
+            "updated_params": self.models["params"].cost(selected),
+            "budget": self.budget.amount,
             "selected_neurons": int(selected.sum()),
             "epoch_seconds": f"{time.perf_counter() - start:.3f}",
             "selection_seconds": f"{selection:.3f}",
@@ -413,23 +479,49 @@ class _Loop:
             "update_bytes": self.s.update_bytes(),
             "backward_macs": self.s.backward_macs(),
             "specialize_seconds": f"{specialize:.3f}",
+            "cost_params": self.models["params"].cost(selected),
+            "cost_macs": self.models["compute"].cost(selected) if "compute" in self.models else "",
+            "cost_bytes": self.models["memory"].cost(selected) if "memory" in self.models else "",
+            "probe_seconds": f"{probe_seconds:.3f}",
         }
         state = self._commit(epoch, row, masks, velocity, state, val)
         self.progress("epoch", row)
         return new_taps, state
 
-    def _select(self, epoch: int, velocity: VelocityState) -> np.ndarray:
-        kind = self.c.selector if epoch > 0 or self.c.selector in ("random", "su", "full") else self.c.first_epoch_init
-        rng = np.random.default_rng([self.c.seed, epoch, 1])
-        if kind == "velocity":
-            return select_velocity(velocity.velocity, self.costs, self.budget.params, self.c.backfill)
-        if kind == "random":
-            return select_random(self.costs, self.budget.params, rng, self.c.backfill)
-        if kind == "su":
-            return self.su_mask.copy()
-        if kind == "neq":
-            return select_neq(velocity.velocity, self.c.eps)
-        return select_full(self.costs)
+    def _probe(self, epoch: int) -> tuple[np.ndarray | None, float]:
+        """gradnorm / fisher: every channel's gradient statistics on --probe-batches training batches, with
+        the current weights (fisher from epoch 0, on the pretrained model; gradnorm draws uniformly then)."""
+        if self.probe is None or (epoch == 0 and self.c.selector == "gradnorm"):
+            return None, 0.0
+        start = time.perf_counter()
+        order = np.random.default_rng([self.c.seed, epoch, 4]).permutation(len(self.d.train))
+        size = self.c.batch_size
+        batches = [order[i * size : (i + 1) * size] for i in range(self.c.probe_batches) if len(order[i * size : (i + 1) * size]) >= 2]
+        params = self.s.parameters()
+        stats = accumulate(self.probe.measure(params, _prep(self.m, self.d.train.images[b]), self.d.train.labels[b]) for b in batches)
+        self.norms.update(stats.grad_norm)
+        return stats.fisher, time.perf_counter() - start
+
+    def _select(self, epoch: int, velocity: VelocityState, fisher: np.ndarray | None = None) -> np.ndarray:
+        spec = SELECTORS[self.c.selector]
+        if epoch == 0 and spec.first_epoch is not None:
+            spec = SELECTORS[self.c.first_epoch_init]
+        inputs = SelectionInputs(
+            epoch,
+            self.model,
+            self.budget.amount,
+            self.rank_costs,
+            np.random.default_rng([self.c.seed, epoch, 1]),
+            self.c.backfill,
+            self.sizes,
+            velocity=velocity.velocity,
+            su_mask=self.su_mask,
+            gradient_norms=self.norms.norm,
+            trained_ever=self.norms.trained_ever,
+            fisher=fisher,
+            options={option: getattr(self.c, option) for option in spec.options},
+        )
+        return spec.select(inputs)
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([self.c.seed, epoch, 2]).permutation(len(self.d.train))
@@ -472,7 +564,8 @@ class _Loop:
         self.run_dir.append_metrics(row)
         better = val > state.best_val
         state = RunState(epoch, epoch if better else state.best_epoch, max(val, state.best_val), self.guard.reference, state.checkpoints)
-        return self.run_dir.commit(state, checkpoint, velocity.to_arrays())
+        arrays = {**velocity.to_arrays(), **{GRADNORM_PREFIX + k: v for k, v in self.norms.to_arrays().items()}}
+        return self.run_dir.commit(state, checkpoint, arrays)
 
     def _export_best(self, state: RunState) -> None:
         if state.best_checkpoint is None:
@@ -487,3 +580,20 @@ class _Loop:
             os.replace(tmp, self.run_dir.path / "model.onnx")
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _rank_costs(model: CostModel, manifest: Manifest, rank_cost: str) -> np.ndarray:
+    """What a neuron's |statistic| is divided by in rankings: its cost in the run's unit; with --rank-cost
+    authors a depthwise neuron counts `groups` times (C_in * kh * kw weights, as the authors' code ranks it)."""
+    if rank_cost == "exact":
+        return model.per_neuron.astype(np.float64)
+    factor = np.repeat(
+        [layer.groups if layer.kind == "depthwise" else 1 for layer in manifest.layers], [layer.out_channels for layer in manifest.layers]
+    )
+    return model.per_neuron * factor.astype(np.float64)
+
+
+def _probe(config: TrainConfig):
+    from .gradient_stats import GradientProbe
+
+    return GradientProbe(config.artifacts, threads=config.threads)

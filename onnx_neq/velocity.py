@@ -1,6 +1,7 @@
-"""Neuron velocity from NEq, in numpy (ALGORITHM.md, "Velocity").
+"""Neuron velocity from NEq, in numpy (docs/ALGORITHM.md, "phi" and "Velocity").
 
-phi_t[c] = mean_n (1 - cos(y_t[n, c, :], y_{t-1}[n, c, :]))      cosine over spatial positions
+spatial (default): phi_t[c] = mean_n (1 - cos(y_t[n, c, :], y_{t-1}[n, c, :]))   cosine over positions
+flat:              phi_t[c] = 1 - cos(y_t[:, c, :], y_{t-1}[:, c, :])             over images and positions
 code recurrence (default, the authors' code; mu = 0.5, buffers start at 0):
     d_t = phi_{t-1} - phi_t  (phi_{-1} = 0);  r_t = s_{t-1} + d_t;  s_t = mu * r_t - d_t;  velocity = r_t
 textbook recurrence (the slides): v_t = (phi_t - phi_{t-1}) - mu * v_{t-1}
@@ -13,15 +14,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RECURRENCES = ("code", "textbook")
+PHI_MODES = ("spatial", "flat")
 
 
-def cosine_distance(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """phi per channel: mean over samples of 1 - cos over spatial positions.
-
-    Inputs are (N, C, ...) raw conv outputs. Both vectors zero -> cos = 1; one zero -> cos = 0.
+def cosine_distance(current: np.ndarray, previous: np.ndarray, mode: str = "spatial") -> np.ndarray:
+    """phi per channel of (N, C, ...) raw conv outputs. spatial: mean over samples of 1 - cos over
+    positions (at 1x1 maps each cosine is the sign of one product); flat: 1 - cos of the channel's
+    outputs over all samples and positions as one vector. Both vectors zero -> cos 1; one zero -> cos 0.
     """
-    a = current.reshape(current.shape[0], current.shape[1], -1).astype(np.float64)
-    b = previous.reshape(previous.shape[0], previous.shape[1], -1).astype(np.float64)
+    if mode not in PHI_MODES:
+        raise ValueError(f"phi must be one of {PHI_MODES}")
+    n, c = current.shape[:2]
+    if mode == "flat":  # (N, C, S) -> (1, C, N*S)
+        current, previous = (np.moveaxis(t.reshape(n, c, -1), 0, 1).reshape(1, c, -1) for t in (current, previous))
+    a = current.reshape(current.shape[0], c, -1).astype(np.float64)
+    b = previous.reshape(previous.shape[0], c, -1).astype(np.float64)
     na, nb = np.linalg.norm(a, axis=2), np.linalg.norm(b, axis=2)
     dot = np.einsum("ncs,ncs->nc", a, b)
     both_zero, one_zero = (na == 0) & (nb == 0), (na == 0) ^ (nb == 0)
@@ -74,6 +81,6 @@ class VelocityState:
         return cls(len(arrays["phi"]), mu, recurrence, arrays["phi"], arrays["buffer"], velocity, int(arrays["steps"]))
 
 
-def layer_phi(current: dict[str, np.ndarray], previous: dict[str, np.ndarray], order: list[str]) -> np.ndarray:
+def layer_phi(current: dict[str, np.ndarray], previous: dict[str, np.ndarray], order: list[str], mode: str = "spatial") -> np.ndarray:
     """phi for all neurons, concatenated in manifest layer order."""
-    return np.concatenate([cosine_distance(current[name], previous[name]) for name in order])
+    return np.concatenate([cosine_distance(current[name], previous[name], mode) for name in order])

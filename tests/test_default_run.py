@@ -19,10 +19,10 @@ def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
     (run,) = list((tmp_path / "runs").iterdir())
     settings = json.loads((run / "settings.json").read_text())
     assert settings["config"]["selector"] == "velocity" and settings["config"]["data"] == "digits"
-    assert settings["budget"]["params"] == int(settings["budget"]["total"] * 0.308)
+    assert settings["budget"]["amount"] == int(settings["budget"]["total"] * 0.308)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 30
-    assert all(int(r["updated_params"]) <= settings["budget"]["params"] for r in rows)
+    assert all(int(r["updated_params"]) <= settings["budget"]["amount"] for r in rows)
     best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_top1"]), -i))
     assert float(rows[best]["test_top1"]) >= 0.90
     assert "test top-1" in result.stdout and (run / "model.onnx").exists()
