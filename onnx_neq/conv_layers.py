@@ -1,7 +1,7 @@
 """Find the selectable neurons of a model: one per output channel of every Conv.
 
 Cost of neuron c of a Conv with weight [C_out, C_in/groups, kh, kw] is C_in/groups*kh*kw,
-plus 1 if the conv has a bias (ALGORITHM.md, "Neurons and their cost").
+plus 1 if the conv has a bias (docs/ALGORITHM.md, "Neurons and costs").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which neurons train next epoch: plain numpy functions, no ONNX (ALGORITHM.md, "Selection").
+"""Which neurons train next epoch: plain numpy functions, no ONNX (docs/ALGORITHM.md, "Selection", "Budgets").
 
 All work on flat arrays over every neuron of the model (manifest layer order) and return a
 boolean mask: True = train this neuron's channel. The budget bounds the sum of costs of the
@@ -66,7 +66,7 @@ def select_su(weight_norms: list[np.ndarray], scheme: dict[int, float]) -> np.nd
     return np.concatenate(parts)
 
 
-# MobileNetV2 schemes of the WACV paper (ALGORITHM.md table): conv index -> ratio of channels.
+# MobileNetV2 schemes of the WACV paper (docs/ALGORITHM.md, "su"): conv index -> ratio of channels.
 SU_SCHEMES: dict[int, dict[int, float]] = {
     1: dict(zip([36, 39, 40, 41, 42, 45, 48, 49], [1, 1, 0, 0.25, 0.125, 0.125, 0.125, 0.125])),
     2: dict(zip([32, 33, 36, 39, 41, 42, 45, 48], [0.125, 0.5, 0.5, 1, 0.25, 0.125, 0.125, 1])),
