@@ -12,7 +12,8 @@ import click
 from .backends.base import BACKENDS
 from .cost_model import KINDS as COST_KINDS
 from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
-from .selector_registry import FIRST_EPOCH_RULES, SELECTORS
+from .selector_registry import FIRST_EPOCH_RULES, RANK_COSTS, SELECTORS
+from .velocity import PHI_MODES
 
 
 class _Group(click.Group):
@@ -146,6 +147,10 @@ def _classes(text: str | None) -> list[int] | None:
     return parse_classes(text) if text else None
 
 
+def _choice(flag: str, choices, default: str | None, help: str):
+    return click.option(flag, type=click.Choice(list(choices)), default=default, show_default=default is not None, help=help)
+
+
 def _recipe_options(command):
     """Options of the training recipe, shared by train and compare."""
     options = [
@@ -156,37 +161,35 @@ def _recipe_options(command):
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True),
         click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores)."),
-        click.option(
+        _choice(
             "--backend",
-            type=click.Choice(list(BACKENDS)),
-            default=None,
-            help="ort-training (onnxruntime-training), portable (stock onnxruntime) or specialized (portable, each epoch's graph computing only what the selection trains) [default: ort-training where installed].",
+            BACKENDS,
+            None,
+            "ort-training (onnxruntime-training), portable (stock onnxruntime) or specialized (portable, each epoch's graph computing only what the selection trains) [default: ort-training where installed].",
         ),
-        click.option(
+        _choice(
             "--bn-update",
-            type=click.Choice(["always", "selected"]),
-            default=None,
-            help="BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized) [default: always; selected with --cost compute|memory].",
+            ("always", "selected"),
+            None,
+            "BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized) [default: always; selected with --cost compute|memory].",
         ),
-        click.option(
+        _choice(
             "--cost",
-            type=click.Choice(list(COST_KINDS)),
-            default=None,
-            help="What a selection costs: parameters (the paper), backward MACs per image, or bytes of training memory; compute and memory rank and fill within that unit, reach included, on --backend specialized [default: params, or the unit of --compute-budget/--memory-budget].",
+            COST_KINDS,
+            None,
+            "What a selection costs: parameters (the paper), backward MACs per image, or bytes of training memory; compute and memory rank and fill within that unit, reach included, on --backend specialized [default: params, or the unit of --compute-budget/--memory-budget].",
         ),
-        click.option(
+        _choice(
             "--phi",
-            type=click.Choice(["spatial", "flat"]),
-            default="spatial",
-            show_default=True,
-            help="Velocity's phi: cosine over each image's positions (the paper), or over all images and positions at once (informative at 1x1 maps).",
+            PHI_MODES,
+            "spatial",
+            "Velocity's phi: cosine over each image's positions (the paper), or over all images and positions at once (informative at 1x1 maps).",
         ),
-        click.option(
+        _choice(
             "--rank-cost",
-            type=click.Choice(["exact", "authors"]),
-            default="exact",
-            show_default=True,
-            help="Cost that rankings divide by: exact, or a depthwise neuron at C_in times its weights (the authors' code); the budget counts exact costs.",
+            RANK_COSTS,
+            "exact",
+            "Cost that rankings divide by: exact, or a depthwise neuron at C_in times its weights (the authors' code); the budget counts exact costs.",
         ),
         click.option(
             "--probe-batches",

@@ -123,6 +123,7 @@ SELECTORS: dict[str, SelectorSpec] = {
     )
 }
 
+RANK_COSTS = ("exact", "authors")  # --rank-cost: what rankings divide by (docs/ALGORITHM.md, "Neurons and costs")
 FIRST_EPOCH_RULES = ("random", "su", "full")  # --init: what a selector with a first-epoch rule does at epoch 0
 
 

@@ -32,14 +32,13 @@ from .manifest import Manifest, artifacts_fingerprint, read_manifest
 from .run_dir import RunDir, RunState
 from .run_lock import RunLock
 from .schedule import learning_rate
-from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, SELECTORS, WEIGHT_NORMS, SelectionInputs, needs
+from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, RANK_COSTS, SELECTORS, WEIGHT_NORMS, SelectionInputs, needs
 from .selectors import SU_SCHEMES, select_su, split_by_layer
 from .su_schemes import load_su_scheme
 from .velocity import PHI_MODES, VelocityState, layer_phi
 
 log = logging.getLogger(__name__)
 
-RANK_COSTS = ("exact", "authors")
 GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the velocity buffers
 
 
