@@ -160,10 +160,11 @@ def results_markdown(runs: list[RunSummary]) -> str:
         for m in methods:
             row = [_cell(cells.get((budget, m, d)), best[d]) for d in datas]
             lines.append(f"| {budget} | {m} | " + " | ".join(row) + " |")
-    seeds = sorted({r.seed for r in runs})
+    by_data = {d: ", ".join(map(str, sorted({r.seed for r in runs if r.data == d}))) for d in datas}
+    seeds = next(iter(by_data.values())) if len(set(by_data.values())) == 1 else "; ".join(f"{d}: {s}" for d, s in by_data.items())
     lines.append("")
     lines.append(
-        f"Test top-1 (%) at the best validation epoch, mean ± half-width of the 95% Student-t confidence interval over seeds {', '.join(map(str, seeds))} (± 0 with a single seed); best per budget in bold."
+        f"Test top-1 (%) at the best validation epoch, mean ± half-width of the 95% Student-t confidence interval over seeds {seeds} (± 0 with a single seed); best per budget in bold."
     )
     if su_notes:
         notes = "; ".join(
