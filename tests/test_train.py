@@ -19,7 +19,7 @@ from onnx_neq.manifest import read_manifest
 from onnx_neq.run_dir import RunDir
 from onnx_neq.train import TrainConfig, train
 
-TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds"}  # wall-clock columns
+TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds", "probe_seconds"}  # wall-clock columns
 DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]  # real data shaped like the tiny model: 8x8, 5 classes
 
 
@@ -141,8 +141,9 @@ def _same_run(a: RunDir, b: RunDir, artifacts, backend: str = "ort-training") ->
     assert (a.path / "model.onnx").read_bytes() == (b.path / "model.onnx").read_bytes()
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_artifacts, tmp_path):
-    config = dict(epochs=4, selector="velocity", budget_ratio=0.4)
+@pytest.mark.parametrize("selector", ["velocity", "gradnorm"])  # gradnorm: the running norms resume too
+def test_interrupted_then_resumed_equals_uninterrupted(selector, tiny_artifacts, tmp_path):
+    config = dict(epochs=4, selector=selector, budget_ratio=0.4)
     train(_config(tiny_artifacts, tmp_path / "straight", **config))
 
     def interrupt(event, info):
