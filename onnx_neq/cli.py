@@ -151,6 +151,10 @@ def _choice(flag: str, choices, default: str | None, help: str):
     return click.option(flag, type=click.Choice(list(choices)), default=default, show_default=default is not None, help=help)
 
 
+def _count(flag: str, minimum: int, default: int, help: str):
+    return click.option(flag, type=click.IntRange(min=minimum), default=default, show_default=True, help=help)
+
+
 def _recipe_options(command):
     """Options of the training recipe, shared by train and compare."""
     options = [
@@ -191,20 +195,8 @@ def _recipe_options(command):
             "exact",
             "Cost that rankings divide by: exact, or a depthwise neuron at C_in times its weights (the authors' code); the budget counts exact costs.",
         ),
-        click.option(
-            "--probe-batches",
-            type=click.IntRange(min=1),
-            default=2,
-            show_default=True,
-            help="gradnorm/fisher: training batches per epoch on which every channel's gradient is measured.",
-        ),
-        click.option(
-            "--gradnorm-pool",
-            type=click.IntRange(min=0),
-            default=0,
-            show_default=True,
-            help="gradnorm: draw only from the N layers of largest gradient norm per parameter (0: every layer).",
-        ),
+        _count("--probe-batches", 1, 2, "gradnorm/fisher: training batches per epoch on which every channel's gradient is measured."),
+        _count("--gradnorm-pool", 0, 0, "gradnorm: draw only from the N layers of largest gradient norm per parameter (0: every layer)."),
         click.option(
             "--train-limit",
             type=click.IntRange(min=2),
