@@ -80,9 +80,9 @@ def greedy_fill(order: np.ndarray, model: CostModel, budget: int, backfill: bool
     selected one so far, the extra reach down to it. Take it while the total stays <= budget. Without
     backfill stop at the first neuron that does not fit (the authors' code); with it, skip and go on.
     A model with reach always skips: a shallow neuron early in the order would otherwise end the walk."""
-    selected = np.zeros(len(model.per_neuron), bool)
     if not model.reach.any():  # no reach (params): a cumulative sum does it at once
         return greedy(np.asarray(order), model.per_neuron, budget, backfill)
+    selected = np.zeros(len(model.per_neuron), bool)
     total, shallowest = 0, len(model.reach) - 1
     per_neuron, layer_of, reach = model.per_neuron.tolist(), model.layer_of.tolist(), model.reach.tolist()
     for i in np.asarray(order).tolist():

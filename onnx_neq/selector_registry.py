@@ -127,19 +127,6 @@ RANK_COSTS = ("exact", "authors")  # --rank-cost: what rankings divide by (docs/
 FIRST_EPOCH_RULES = ("random", "su", "full")  # --init: what a selector with a first-epoch rule does at epoch 0
 
 
-def register(spec: SelectorSpec) -> None:
-    SELECTORS[spec.name] = spec
-
-
-def budgeted(name: str) -> bool:
-    return SELECTORS[name].budgeted
-
-
-def needs(names, statistic: str) -> bool:
-    """Whether any of the selectors `names` needs `statistic`."""
-    return any(statistic in SELECTORS[n].needs for n in names)
-
-
 # options that make a variant of a selector (compare's "velocity[phi=flat]", report's method labels) and their defaults
 VARIANTS = {"phi": "spatial", "rank_cost": "exact", "cost": None, "gradnorm_pool": 0}
 

@@ -25,7 +25,7 @@ def scheme_params(scheme: dict[int, float], manifest: Manifest) -> int:
 def load_su_scheme(spec: str | None, manifest: Manifest, budget: int | None, ratio: float | None) -> dict[int, float]:
     """The scheme named by --su-scheme; without one, the largest built-in scheme within the budget."""
     if spec is None:
-        _check_mobilenet(manifest, "the built-in Sparse Update schemes")
+        check_builtin_schemes(manifest, "the built-in Sparse Update schemes")
         limit = budget if budget is not None else int(manifest.selectable_params * (ratio if ratio is not None else DEFAULT_RATIO))
         fitting = [k for k, s in SU_SCHEMES.items() if scheme_params(s, manifest) <= limit]
         if not fitting:
@@ -34,12 +34,12 @@ def load_su_scheme(spec: str | None, manifest: Manifest, budget: int | None, rat
     if spec.isdigit():
         if int(spec) not in SU_SCHEMES:
             raise NeqError(f"--su-scheme {spec}: built-in schemes are 1-5")
-        _check_mobilenet(manifest, f"Sparse Update scheme {spec}")
+        check_builtin_schemes(manifest, f"Sparse Update scheme {spec}")
         return SU_SCHEMES[int(spec)]
     return _from_file(Path(spec), manifest)
 
 
-def _check_mobilenet(manifest: Manifest, what: str) -> None:
+def check_builtin_schemes(manifest: Manifest, what: str = "the built-in Sparse Update schemes") -> None:
     if len(manifest.layers) != MOBILENET_V2_CONVS:
         raise NeqError(
             f"{what} are for MobileNetV2 ({MOBILENET_V2_CONVS} convs); this model has {len(manifest.layers)}: pass --su-scheme FILE"

@@ -27,14 +27,13 @@ from .divergence import DivergenceGuard, non_finite
 from .errors import DivergedError, NeqError, environment_error
 from .evaluate import record_normalization
 from .gradient_selectors import RunningNorm
-from .gradient_stats import accumulate
 from .manifest import Manifest, artifacts_fingerprint, read_manifest
 from .run_dir import RunDir, RunState
 from .run_lock import RunLock
 from .schedule import learning_rate
-from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, RANK_COSTS, SELECTORS, WEIGHT_NORMS, SelectionInputs, needs
+from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, RANK_COSTS, SELECTORS, WEIGHT_NORMS, SelectionInputs
 from .selectors import SU_SCHEMES, select_su, split_by_layer
-from .su_schemes import load_su_scheme
+from .su_schemes import check_builtin_schemes, load_su_scheme
 from .velocity import PHI_MODES, VelocityState, layer_phi
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def _budget(config: TrainConfig, manifest: Manifest) -> tuple[dict[str, CostMode
             if kind == config.cost_kind:
                 raise
     model = models[config.cost_kind]
-    wanted = needs([config.selector], WEIGHT_NORMS) or config.first_epoch_init == "su"
+    wanted = WEIGHT_NORMS in SELECTORS[config.selector].needs or config.first_epoch_init == "su"
     su_mask = _su_mask(config, manifest, model) if wanted else None
     return models, su_mask, resolve_budget(config, model, su_mask)
 
@@ -372,7 +371,7 @@ def _su_mask(config: TrainConfig, manifest: Manifest, model: CostModel) -> np.nd
     norms = [np.linalg.norm(weights[layer.weight].reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
     if config.su_scheme is not None or model.kind == "params":
         return select_su(norms, load_su_scheme(config.su_scheme, manifest, config.budget, config.budget_ratio))
-    load_su_scheme("1", manifest, None, None)  # the MobileNetV2 check, with its error
+    check_builtin_schemes(manifest)
     amount = requested_amount(config, model)
     masks = [select_su(norms, scheme) for scheme in SU_SCHEMES.values()]
     fitting = [mask for mask in masks if model.cost(mask) <= amount]
@@ -405,7 +404,8 @@ class _Loop:
         self.models, self.budget, self.su_mask, self.progress = models, budget, su_mask, progress
         self.model = models[config.cost_kind]
         self.rank_costs = _rank_costs(self.model, manifest, config.rank_cost)
-        self.probe = _probe(config) if needs([config.selector], GRADIENT_NORMS) or needs([config.selector], FISHER) else None
+        self.statistics = set(SELECTORS[config.selector].needs)
+        self.gradient_probe = _gradient_probe(config) if self.statistics & {GRADIENT_NORMS, FISHER} else None
         self.sizes = [layer.out_channels for layer in manifest.layers]
         self.names = [layer.name for layer in manifest.layers]
         self.steps_per_epoch = len(self._batches(0))
@@ -488,16 +488,16 @@ class _Loop:
         return new_taps, state
 
     def _probe(self, epoch: int) -> tuple[np.ndarray | None, float]:
-        """gradnorm / fisher: every channel's gradient statistics on --probe-batches training batches, with
-        the current weights (fisher from epoch 0, on the pretrained model; gradnorm draws uniformly then)."""
-        if self.probe is None or (epoch == 0 and self.c.selector == "gradnorm"):
+        """Every channel's gradient statistics on --probe-batches training batches, with the current weights:
+        Fisher potentials from epoch 0 (the pretrained model), running gradient norms from epoch 1 (they
+        follow training; their selector draws uniformly first)."""
+        if not (FISHER in self.statistics or (GRADIENT_NORMS in self.statistics and epoch > 0)):
             return None, 0.0
         start = time.perf_counter()
         order = np.random.default_rng([self.c.seed, epoch, 4]).permutation(len(self.d.train))
-        size = self.c.batch_size
-        batches = [order[i * size : (i + 1) * size] for i in range(self.c.probe_batches) if len(order[i * size : (i + 1) * size]) >= 2]
-        params = self.s.parameters()
-        stats = accumulate(self.probe.measure(params, _prep(self.m, self.d.train.images[b]), self.d.train.labels[b]) for b in batches)
+        chunks = [order[i * self.c.batch_size : (i + 1) * self.c.batch_size] for i in range(self.c.probe_batches)]
+        batches = [(_prep(self.m, self.d.train.images[b]), self.d.train.labels[b]) for b in chunks if len(b) >= 2]
+        stats = self.gradient_probe.measure_batches(self.s.parameters(), batches)
         self.norms.update(stats.grad_norm)
         return stats.fisher, time.perf_counter() - start
 
@@ -592,7 +592,7 @@ def _rank_costs(model: CostModel, manifest: Manifest, rank_cost: str) -> np.ndar
     return model.per_neuron * factor.astype(np.float64)
 
 
-def _probe(config: TrainConfig):
+def _gradient_probe(config: TrainConfig):
     from .gradient_stats import GradientProbe
 
     return GradientProbe(config.artifacts, threads=config.threads)
