@@ -117,7 +117,8 @@ class GradientProbe:
             raise NeqError(
                 f"{path} is not a readable ONNX model ({str(exc).splitlines()[0][:100]}); run `onnx-neq prepare` again"
             ) from None
-        self.layers = [_layer_outputs(model.graph, layer) for layer in self.manifest.layers]
+        index = _GraphIndex.of(model.graph)
+        self.layers = [_layer_outputs(model.graph, index, layer) for layer in self.manifest.layers]
         _add_outputs(model.graph, [n for lo in self.layers for n in (lo.activation, lo.activation_grad)])
         self.session = onnxruntime().InferenceSession(
             model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
@@ -203,13 +204,27 @@ class GradientProbe:
         return value
 
 
-def _layer_outputs(graph, layer: Layer) -> _LayerOutputs:
+@dataclass
+class _GraphIndex:
+    """What the per-layer lookups need from the whole graph, gathered in one pass."""
+
+    produced: set[str]  # every node output
+    outputs: set[str]  # graph outputs
+    constants: set[str]  # initializers, graph inputs, Constant outputs
+
+    @classmethod
+    def of(cls, graph) -> _GraphIndex:
+        constants = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+        constants |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
+        produced = {out for node in graph.node for out in node.output if out}
+        return cls(produced, {o.name for o in graph.output}, constants)
+
+
+def _layer_outputs(graph, index: _GraphIndex, layer: Layer) -> _LayerOutputs:
     """The graph values the probe reads for `layer`, or NeqError naming the layer."""
-    produced = {out for node in graph.node for out in node.output if out}
-    outputs = {o.name for o in graph.output}
 
     def needed(name: str) -> str:
-        if name not in outputs:
+        if name not in index.outputs:
             raise NeqError(f"layer {layer.name!r}: the portable training model has no output {name!r}; run `onnx-neq prepare` again")
         return name
 
@@ -218,8 +233,8 @@ def _layer_outputs(graph, layer: Layer) -> _LayerOutputs:
     conv = _forward_conv(graph, layer)
     activation = conv.output[0]
     candidates = [activation + "_grad", layer.tap_output + "_grad"]
-    found = next((c for c in candidates if c in produced), None) or _dy_from_gradient_nodes(graph, conv)
-    if found is None or found not in produced:
+    found = next((c for c in candidates if c in index.produced), None) or _dy_from_gradient_nodes(graph, index, conv)
+    if found is None or found not in index.produced:
         raise NeqError(
             f"layer {layer.name!r}: cannot find the gradient of its conv output {activation!r} in the portable training model "
             f"(no {candidates[0]!r}, no ConvGrad or lowered '{conv.name}_Grad/' nodes); run `onnx-neq prepare` again"
@@ -240,7 +255,7 @@ def _forward_conv(graph, layer: Layer):
     return named[0]
 
 
-def _dy_from_gradient_nodes(graph, conv) -> str | None:
+def _dy_from_gradient_nodes(graph, index: _GraphIndex, conv) -> str | None:
     """dY of `conv`'s gradient: input 0 of ORT's ConvGrad(dY, X, W), or, in the lowered graph, the one value
     the '<conv>_Grad/' nodes read from outside other than X, W, B, initializers and constants."""
     x, w = conv.input[0], conv.input[1]
@@ -250,9 +265,7 @@ def _dy_from_gradient_nodes(graph, conv) -> str | None:
     prefix = conv.name + "_Grad/"
     nodes = [n for n in graph.node if n.name.startswith(prefix)]
     inside = {out for n in nodes for out in n.output}
-    constants = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    constants |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
-    external = {i for n in nodes for i in n.input if i and i not in inside and i not in constants and i not in conv.input}
+    external = {i for n in nodes for i in n.input if i and i not in inside and i not in index.constants and i not in conv.input}
     return external.pop() if len(external) == 1 else None
 
 
