@@ -14,10 +14,13 @@ backward MACs per image and trained parameters for
   specialized     onnx-neq's specialised backend with --bn-update selected (backends/specialize.py)
 
 for MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32, budgets 8.8%, 21.2% and 30.8% of the conv
-parameters, with two selections of the same budget:
+parameters, with three selections at each budget:
 
   velocity   velocity's selection (docs/ALGORITHM.md) after a short first "epoch": the taps of 16
              images before and after 3 SGD steps on random images, one velocity update, greedy fill
+  velocity-compute  cost-aware velocity, as `train --cost compute --budget-ratio R` selects: the same
+             velocity per backward MAC, filled to R of the full backward's MACs per image, the reach
+             to the shallowest selected layer included (docs/ALGORITHM.md, "Cost models")
   su         Sparse Update's static scheme: MobileNetV2's built-in scheme that fits the budget (the
              paper's three budgets are its schemes); for ResNet-18, which has none, the same shape:
              the last layers first, channels by weight norm, to the budget
@@ -26,7 +29,7 @@ Weights are random (nothing can be downloaded here): speed and memory do not dep
 Backward MACs are counted from the graphs (backends/specialize.py), not measured. Each measurement
 runs in its own process so peak RSS (VmHWM) is its own; all use --threads threads.
 
-    python benchmarks/budget_step.py                 # the full table (about 30 minutes on 2 cores)
+    python benchmarks/budget_step.py                 # the full table (about 45 minutes on 2 cores)
     python benchmarks/budget_step.py --quick         # MobileNetV2, batch 8, one budget: checks the script
     python benchmarks/budget_step.py --table         # only print the table of the last run
 """
@@ -46,6 +49,7 @@ from worker_common import add_worker_options, peak_rss_mib
 
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.088, 0.212, 0.308)
+SELECTIONS = ("velocity", "velocity-compute", "su")
 METHODS = ("torch-full", "torch-zeroed", "torch-frozen", "ort-masked", "specialized")
 
 
@@ -140,22 +144,30 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path]
     return weights, workdir / f"{arch}-artifacts"
 
 
-def velocity_selection(artifacts: Path, resolution: int, ratio: float) -> np.ndarray:
+def velocity_scores(artifacts: Path, resolution: int) -> np.ndarray:
+    """Velocity after a short first "epoch": taps of 16 images before and after 3 SGD steps, one update."""
     from onnx_neq.backends.base import open_backend
-    from onnx_neq.selectors import select_velocity
     from onnx_neq.velocity import VelocityState, layer_phi
 
     backend = open_backend("ort-training", artifacts)
-    manifest = backend.manifest
-    costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost) for layer in manifest.layers])
-    names = [layer.name for layer in manifest.layers]
+    layers = backend.manifest.layers
     rng = np.random.default_rng(1)
     images = rng.standard_normal((16, 3, resolution, resolution)).astype(np.float32)
     before = backend.eval_batch(images)[1]
     for _ in range(3):
         backend.train_step(rng.standard_normal((8, 3, resolution, resolution)).astype(np.float32), rng.integers(0, 10, 8), 0.01)
-    velocity = VelocityState(len(costs)).update(layer_phi(backend.eval_batch(images)[1], before, names))
-    return select_velocity(velocity, costs, int(manifest.selectable_params * ratio))
+    velocity = VelocityState(sum(layer.out_channels for layer in layers))
+    return velocity.update(layer_phi(backend.eval_batch(images)[1], before, [layer.name for layer in layers]))
+
+
+def velocity_selection(artifacts: Path, velocity: np.ndarray, ratio: float, cost: str, batch: int) -> np.ndarray:
+    """Greedy |velocity| per cost to `ratio` of the cost model's total, as `train --cost COST` selects."""
+    from onnx_neq.cost_model import cost_model, greedy_fill
+    from onnx_neq.manifest import read_manifest
+    from onnx_neq.selectors import velocity_ranking
+
+    model = cost_model(cost, read_manifest(artifacts), "always" if cost == "params" else "selected", batch)
+    return greedy_fill(velocity_ranking(velocity, model.per_neuron), model, int(model.total * ratio))
 
 
 def su_selection(artifacts: Path, ratio: float) -> np.ndarray:
@@ -219,11 +231,15 @@ def measure(args) -> list[dict]:
         for arch in archs:
             weights, artifacts = prepare_case(arch, args.resolution, Path(tmp))
             selections = {}  # (ratio, selection) -> (masks file, {method: (backward MACs, trained params)})
+            velocity = velocity_scores(artifacts, args.resolution)
             for ratio in ratios:
-                for selection in ("velocity", "su"):
-                    selected = (
-                        velocity_selection(artifacts, args.resolution, ratio) if selection == "velocity" else su_selection(artifacts, ratio)
-                    )
+                for selection in SELECTIONS:
+                    if selection == "su":
+                        selected = su_selection(artifacts, ratio)
+                    else:
+                        selected = velocity_selection(
+                            artifacts, velocity, ratio, "compute" if selection == "velocity-compute" else "params", 1
+                        )
                     masks = Path(tmp) / f"{arch}-{ratio}-{selection}.npz"
                     _save_masks(artifacts, selected, masks)
                     selections[(ratio, selection)] = masks, {method: counts(artifacts, selected, method) for method in METHODS}

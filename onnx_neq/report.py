@@ -39,6 +39,10 @@ class RunSummary:
     scheme: str | None = None  # Sparse Update scheme, for su runs
     step_ms: float = float("nan")  # mean training step over the epochs after the first (metrics.csv step_ms)
     backend: str = ""
+    cost: str = "params"  # the run's cost model (--cost): the unit of its budget
+
+
+COST_MARKERS = {"params": "o", "compute": "s", "memory": "^"}  # accuracy-vs-step markers per --cost
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -76,6 +80,7 @@ def summarize(path: str | Path) -> RunSummary:
         config.get("su_scheme") if config["selector"] == "su" else None,
         _mean_step_ms(rows),
         config.get("backend") or "",
+        config.get("cost") or "params",
     )
 
 
@@ -106,6 +111,7 @@ def results_csv(runs: list[RunSummary]) -> str:
             "epochs",
             "step_ms",
             "backend",
+            "cost",
             "run",
         ]
     )
@@ -124,6 +130,7 @@ def results_csv(runs: list[RunSummary]) -> str:
                 r.epochs,
                 f"{r.step_ms:.2f}",
                 r.backend,
+                r.cost,
                 r.path,
             ]
         )
@@ -253,7 +260,7 @@ def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
 
 def plot_accuracy_vs_step(runs: list[RunSummary], path: Path) -> Path:
     """Test top-1 at the best validation epoch against ms per training step: one point per method x budget
-    (x backend, where runs used several), means over seeds; a panel per data set."""
+    x backend x cost model, means over seeds; a panel per data set. Colour: selector; marker: cost model."""
     plt = _pyplot()
     datas = sorted({r.data for r in runs})
     fig, axes = plt.subplots(1, len(datas), figsize=(5.5 * len(datas), 4.2), squeeze=False)
@@ -261,15 +268,17 @@ def plot_accuracy_vs_step(runs: list[RunSummary], path: Path) -> Path:
         groups: dict[tuple, list[RunSummary]] = defaultdict(list)
         for r in runs:
             if r.data == data and np.isfinite(r.step_ms):
-                groups[(r.method, r.budget_label, r.backend)].append(r)
+                groups[(r.method, r.budget_label, r.backend, r.cost)].append(r)
         backends = {key[2] for key in groups}
-        for (method, label, backend), members in sorted(groups.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1]))):
+        for (method, label, backend, cost), members in sorted(
+            groups.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1]))
+        ):
             x, y = np.mean([m.step_ms for m in members]), 100 * np.mean([m.test_at_best_val for m in members])
-            ax.scatter(x, y, color=f"C{_method_key(method)[0]}", label=method)
+            ax.scatter(x, y, color=f"C{_method_key(method)[0]}", marker=COST_MARKERS.get(cost, "o"), label=method)
             ax.annotate(label + (f" {backend}" if len(backends) > 1 else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
-        ax.legend(unique.values(), unique.keys())
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.set(title=data, xlabel="ms per training step (mean)", ylabel="test top-1 at best val (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()

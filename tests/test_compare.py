@@ -55,3 +55,24 @@ def test_compare_command_line(tiny_artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     assert "[1/2]" in result.output and "[2/2]" in result.output and "| 30.0% | velocity |" in result.output
     assert (out / "report" / "accuracy-vs-step.png").exists()
+
+
+def test_a_cost_model_variant_is_its_own_method_and_budget_unit(tiny_artifacts, tmp_path):
+    """`random[cost=compute]` trains on the specialised backend within 30% of the backward MACs, and the
+    report keeps it apart from the parameter-budgeted run (results.csv: method label and cost column)."""
+    config = CompareConfig(
+        data=["digits@0-4"],
+        out=str(tmp_path / "cmp"),
+        methods=["random", "random[cost=compute]"],
+        budget_ratios=[0.3],
+        seeds=[0],
+        train_options={"epochs": 1, "warmup_epochs": 0},
+    )
+    files = compare(config, lambda data: str(tiny_artifacts))
+    rows = {r["method"]: r for r in csv.DictReader(open(files["csv"]))}
+    assert sorted(rows) == ["random", "random[cost=compute]"]
+    assert (rows["random"]["cost"], rows["random"]["backend"]) == ("params", "ort-training")
+    assert (rows["random[cost=compute]"]["cost"], rows["random[cost=compute]"]["backend"]) == ("compute", "specialized")
+    metrics = list(csv.DictReader(open(f"{rows['random[cost=compute]']['run']}/metrics.csv")))
+    assert all(int(m["cost_macs"]) <= int(m["budget"]) for m in metrics)
+    assert files["accuracy vs step"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
