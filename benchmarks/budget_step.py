@@ -30,6 +30,7 @@ Backward MACs are counted from the graphs (backends/specialize.py), not measured
 runs in its own process so peak RSS (VmHWM) is its own; all use --threads threads.
 
     python benchmarks/budget_step.py                 # the full table (about 45 minutes on 2 cores)
+    python benchmarks/budget_step.py --selections velocity-compute --out X.json   # one selection's rows
     python benchmarks/budget_step.py --quick         # MobileNetV2, batch 8, one budget: checks the script
     python benchmarks/budget_step.py --table         # only print the table of the last run
 """
@@ -233,7 +234,7 @@ def measure(args) -> list[dict]:
             selections = {}  # (ratio, selection) -> (masks file, {method: (backward MACs, trained params)})
             velocity = velocity_scores(artifacts, args.resolution)
             for ratio in ratios:
-                for selection in SELECTIONS:
+                for selection in args.selections.split(","):
                     if selection == "su":
                         selected = su_selection(artifacts, ratio)
                     else:
@@ -299,6 +300,7 @@ def main() -> None:
     add_worker_options(parser, steps=8, warmup=2)
     parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--selections", default=",".join(SELECTIONS), help=f"Comma-separated, of {', '.join(SELECTIONS)}.")
     parser.add_argument("--table", action="store_true", help="Only print the table of the last run (--out).")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "budget_step.json")
     args = parser.parse_args()

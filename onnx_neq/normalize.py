@@ -3,16 +3,19 @@
 opset != 17 -> onnx's version converter to 17, IR version 8   (IR <= 10 is what ORT 1.19.2 reads)
 Constant / ConstantOfShape weights -> initializers             (ConstantWeightsPass)
 unused initializers and graph inputs that are initializers -> removed
+unnamed nodes -> named <op>_<index> (layers, taps and BatchNorm matching find Convs by name)
 Softmax / LogSoftmax at the output -> removed for training      (OutputActivationPass)
 (ops without an ORT gradient are rewritten by prepare after it has grouped the parameters, so
 that e.g. a PRelu slope stays a trainable parameter: ActivationRewritePass)
-dynamic spatial input dims -> fixed by --input-shape (the batch dimension stays dynamic)
+dynamic spatial input dims -> fixed by --input-shape (the batch dimension stays dynamic); static ones
+    -> changed by it where the network runs at the new size (a fully convolutional one), else one line
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -73,6 +76,7 @@ def convert_opset(proto: onnx.ModelProto, report: NormalizeReport) -> onnx.Model
 def normalize(model: ir.Model, report: NormalizeReport, input_shape: list[int] | None = None) -> None:
     """The graph passes, in place."""
     _drop_initializer_inputs(model)
+    _name_nodes(model)
     lift = ConstantWeightsPass()
     lift(model)
     report.lifted_weights = len(lift.lifted)
@@ -99,6 +103,18 @@ def _flatten_logits(model: ir.Model, report: NormalizeReport) -> None:
     report.rewritten["Flatten (4-D logits)"] = 1
 
 
+def _name_nodes(model: ir.Model) -> None:
+    """Give every unnamed node of the main graph a unique name (exporters may leave names out)."""
+    taken = {node.name for node in model.graph if node.name}
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
 def _drop_initializer_inputs(model: ir.Model) -> None:
     """IR < 4 lists every initializer as a graph input too; they are parameters, not inputs."""
     graph = model.graph
@@ -118,4 +134,33 @@ def _fix_input_shape(model: ir.Model, shape: list[int]) -> None:
     value = model.graph.inputs[0]
     if len(shape) != 4:
         raise NeqError(f"--input-shape takes N,C,H,W (4 numbers), not {shape}")
+    old = value.shape
     value.shape = ir.Shape(["batch", *shape[1:]])
+    if old is not None and list(old[1:]) != list(shape[1:]):  # a new size: shapes inferred for the old one are stale
+        outputs = set(model.graph.outputs)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for out in node.outputs:
+                if out not in outputs or (out.shape is not None and out.shape.rank() > 2):
+                    out.shape = None
+        _check_new_size(model, old, shape)
+
+
+def _check_new_size(model: ir.Model, old: ir.Shape, shape: list[int]) -> None:
+    """One forward pass of a zero image at the new size: a network with sizes baked in (a Flatten into a
+    Gemm of fixed width, a Reshape to constants) fails here, in one line, not in training."""
+    from .ort_runtime import inference_session, onnxruntime
+
+    value = model.graph.inputs[0]
+    try:
+        session = inference_session(ir.serde.serialize_model(model), threads=1)
+        dtype = value.type.dtype.numpy() if value.type is not None else np.float32
+        quiet = onnxruntime().RunOptions()
+        quiet.log_severity_level = 4  # the error is ours to report, in one line
+        session.run(None, {value.name: np.zeros([1, *shape[1:]], dtype)}, quiet)
+    except Exception as error:  # onnx and onnxruntime raise their own types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        was = "x".join(str(d) for d in old[2:])
+        raise NeqError(
+            f"--input-shape {','.join(map(str, shape))}: this model was built for {was} inputs and does not run at "
+            f"{'x'.join(map(str, shape[2:]))} ({first[:200]}); keep {was}, or export the model at the size you want"
+        ) from None

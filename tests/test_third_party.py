@@ -251,3 +251,50 @@ def test_control_flow_is_one_line_not_an_abort(tmp_path):
     with pytest.raises(NeqError, match=r"control flow \(If '.*'\)"):
         prepare(tmp_path / "lrn.onnx", tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def _fixed_size_model(rng, flatten_head: bool) -> onnx.ModelProto:
+    """Conv 3->4 (3x3, pad 1) + ReLU on fixed 8x8 inputs, then GlobalAveragePool+Flatten+Gemm (any size
+    works) or Flatten+Gemm over 4*8*8 features (only 8x8 works); shapes inferred into the file, as
+    exporters write them."""
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])]
+    width = 4 * 8 * 8 if flatten_head else 4
+    if not flatten_head:
+        nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["g"]))
+    nodes += [helper.make_node("Flatten", ["r" if flatten_head else "g"], ["f"]), helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1)]
+    inits.append(numpy_helper.from_array(rng.standard_normal((5, width)).astype(np.float32), "fw"))
+    model = onnx_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_input_shape_resizes_a_fully_convolutional_model(tmp_path, rng):
+    """--input-shape on a model exported at 8x8 (stale inferred shapes in the file): 16x16 artifacts whose
+    logits are onnxruntime's for the same network with its input dims freed."""
+    model = _fixed_size_model(rng, flatten_head=False)
+    assert len(model.graph.value_info) > 0  # the stale shapes this is about
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    manifest = prepare(path, tmp_path / "art", input_shape=[1, 3, 16, 16]).manifest
+    assert manifest.input.shape == [None, 3, 16, 16] and manifest.layers[0].output_shape == [4, 16, 16]
+    free = onnx.ModelProto()
+    free.CopyFrom(model)
+    del free.graph.value_info[:]
+    for d, v in zip(free.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.dim_param = v
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    expected = inference_session(free).run(None, {"x": x})[0]
+    np.testing.assert_allclose(TrainingSession(tmp_path / "art").eval_logits(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_input_shape_the_model_cannot_take_is_one_line(tmp_path, rng):
+    path = tmp_path / "flat.onnx"
+    onnx.save(_fixed_size_model(rng, flatten_head=True), str(path))
+    with pytest.raises(NeqError, match=r"--input-shape 1,3,16,16: this model was built for 8x8 inputs") as error:
+        prepare(path, tmp_path / "art", input_shape=[1, 3, 16, 16])
+    assert "\n" not in str(error.value) and not (tmp_path / "art").exists()
