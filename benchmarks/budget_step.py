@@ -29,7 +29,7 @@ Weights are random (nothing can be downloaded here): speed and memory do not dep
 Backward MACs are counted from the graphs (backends/specialize.py), not measured. Each measurement
 runs in its own process so peak RSS (VmHWM) is its own; all use --threads threads.
 
-    python benchmarks/budget_step.py                 # the full table (about 45 minutes on 2 cores)
+    python benchmarks/budget_step.py                 # the full table (about 15 minutes on 2 cores)
     python benchmarks/budget_step.py --selections velocity-compute --out X.json   # one selection's rows
     python benchmarks/budget_step.py --quick         # MobileNetV2, batch 8, one budget: checks the script
     python benchmarks/budget_step.py --table         # only print the table of the last run

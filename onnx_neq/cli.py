@@ -413,9 +413,12 @@ def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **
         seeds=[int(s) for s in seeds.split(",")],
         train_options=train_options,
     )
-    files = compare(config, artifacts_for, progress=_CompareProgress())
+    progress = _CompareProgress()
+    files = compare(config, artifacts_for, progress=progress)
     click.echo(files["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+    if progress.failed:
+        raise NeqError(f"{len(progress.failed)} run(s) failed and are not in the report (listed above with their reasons)")
 
 
 def _methods(text: str) -> list[str]:
@@ -432,8 +435,16 @@ def _methods(text: str) -> list[str]:
 
 
 class _CompareProgress(_Progress):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: list[str] = []
+
     def __call__(self, event: str, info: dict) -> None:
-        if event in ("run", "skip"):
+        if event == "failed":
+            self.clear()
+            self.failed.append(info["path"])
+            click.echo(f"[{info['index']}/{info['total']}] failed: {info['path']}: {info['error']}", err=True)
+        elif event in ("run", "skip"):
             self.clear()
             self.header = True
             click.echo(f"[{info['index']}/{info['total']}] {'done already: ' if event == 'skip' else ''}{info['path']}", err=True)

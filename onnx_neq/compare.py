@@ -88,13 +88,24 @@ def nearest_su_scheme(manifest, budget: int) -> int:
 def compare(
     config: CompareConfig, artifacts_for: Callable[[str], str], progress: Callable[[str, dict], None] | None = None
 ) -> dict[str, Path]:
+    """Train every planned run not done yet, then write the report of those that finished. A run that
+    stops with a NeqError (a setting that does not apply to it, e.g. no Sparse Update scheme fits a small
+    compute budget) is reported by a "failed" event and left out; the others still run."""
     progress = progress or (lambda event, info: None)
     runs = plan(config, artifacts_for)
+    failed = set()
     for i, run in enumerate(runs):
         info = {"index": i + 1, "total": len(runs), "path": str(run.path)}
         if run.done:
             progress("skip", info)
             continue
         progress("run", info)  # not "start": train's own events pass through below, "start" among them
-        train(run.config, resume=RunDir(run.path).exists(), progress=lambda e, d: progress(e, d))
-    return write_report([r.path for r in runs], Path(config.out) / "report")
+        try:
+            train(run.config, resume=RunDir(run.path).exists(), progress=lambda e, d: progress(e, d))
+        except NeqError as error:
+            failed.add(run.path)
+            progress("failed", {**info, "error": str(error)})
+    finished = [r.path for r in runs if r.path not in failed]
+    if not finished:
+        raise NeqError(f"none of the {len(runs)} runs finished (each failure is printed above)")
+    return write_report(finished, Path(config.out) / "report")

@@ -84,9 +84,14 @@ def inference_session(model, threads: int = 0):
 
 
 def session_options(threads: int = 0):
-    """SessionOptions with ORT's log chatter off and, if given, a thread count."""
+    """SessionOptions with ORT's log chatter off, no memory pattern and, if given, a thread count.
+
+    The memory pattern (ORT's default) plans one block for all intermediate tensors of a run; for the
+    lowered training graphs it nearly doubles peak RSS (MobileNetV2 128 px, batch 32: 1.9 GiB with it,
+    1.0 GiB without) at no measurable cost in step time, and memory is what a board lacks."""
     opts = onnxruntime().SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_mem_pattern = False
     if threads:
         opts.intra_op_num_threads = threads
     return opts

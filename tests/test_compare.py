@@ -76,3 +76,21 @@ def test_a_cost_model_variant_is_its_own_method_and_budget_unit(tiny_artifacts, 
     metrics = list(csv.DictReader(open(f"{rows['random[cost=compute]']['run']}/metrics.csv")))
     assert all(int(m["cost_macs"]) <= int(m["budget"]) for m in metrics)
     assert files["accuracy vs step"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_that_cannot_start_is_reported_and_the_others_still_run(tiny_artifacts, tmp_path):
+    """A compute budget of a millionth buys no neuron: that run fails in one line, the 30% run still
+    trains and is the report; the command exits 2 (a setting that does not apply) after printing it."""
+    from click.testing import CliRunner
+
+    from onnx_neq.cli import main
+
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_artifacts), "--data", "digits@0-4", "--methods", "random[cost=compute]", "--budget-ratios", "0.000001,0.3"]
+    result = CliRunner().invoke(main, [*args, "--seeds", "0", "--epochs", "1", "--warmup-epochs", "0", "--out", str(out)])
+    assert result.exit_code == 2
+    failed = [line for line in result.output.splitlines() if "failed:" in line]
+    assert len(failed) == 1 and "0.0pct" in failed[0] and "below the cheapest neuron" in failed[0]
+    assert "| 30.0% | random[cost=compute] |" in result.output and "1 run(s) failed" in result.output
+    rows = list(csv.DictReader(open(out / "report" / "results.csv")))
+    assert [r["budget"] for r in rows] == ["30.0%"]
