@@ -12,6 +12,8 @@ backward MACs per image and trained parameters for
                   the first parameter that needs a gradient)
   ort-masked      onnx-neq's ort-training backend (masks multiply gradients computed in full)
   specialized     onnx-neq's specialised backend with --bn-update selected (backends/specialize.py)
+  specialized-pattern  the same with --memory-pattern (ORT's planned memory block: faster on some
+                  networks, more peak memory)
 
 for MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32, budgets 8.8%, 21.2% and 30.8% of the conv
 parameters, with three selections at each budget:
@@ -51,7 +53,7 @@ from worker_common import add_worker_options, peak_rss_mib
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.088, 0.212, 0.308)
 SELECTIONS = ("velocity", "velocity-compute", "su")
-METHODS = ("torch-full", "torch-zeroed", "torch-frozen", "ort-masked", "specialized")
+METHODS = ("torch-full", "torch-zeroed", "torch-frozen", "ort-masked", "specialized", "specialized-pattern")
 
 
 def _batch(args):
@@ -73,10 +75,9 @@ def _timed(step, args) -> list[float]:
 def worker_backend(args) -> dict:
     from onnx_neq.backends.base import open_backend
 
-    options = {"bn_update": "selected"} if args.method == "specialized" else {}
-    backend = open_backend(
-        "specialized" if args.method == "specialized" else "ort-training", args.artifacts, threads=args.threads, **options
-    )
+    specialized = args.method.startswith("specialized")
+    options = {"bn_update": "selected", "memory_pattern": args.method == "specialized-pattern"} if specialized else {}
+    backend = open_backend("specialized" if specialized else "ort-training", args.artifacts, threads=args.threads, **options)
     backend.set_masks(dict(np.load(args.masks)))
     x, y = _batch(args)
     times = _timed(lambda: backend.train_step(x, y, 0.01), args)
@@ -212,7 +213,7 @@ def counts(artifacts: Path, selected: np.ndarray, method: str) -> tuple[int, int
         states = {name: "all" if state == "some" else state for name, state in states.items()}
     _, report = specialize(onnx.load(str(artifacts / manifest.files["training_model"])), manifest, states, "selected")
     bn = 2 * sum(k[layer.name] for layer in layers if layer.bn)
-    return report.backward_macs(k if method == "specialized" else None), conv_params + fixed + bn
+    return report.backward_macs(k if method.startswith("specialized") else None), conv_params + fixed + bn
 
 
 def run_worker(kind: str, **kw) -> dict:

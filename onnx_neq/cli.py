@@ -165,6 +165,12 @@ def _recipe_options(command):
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True),
         click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores)."),
+        click.option(
+            "--memory-pattern/--no-memory-pattern",
+            default=False,
+            show_default=True,
+            help="portable/specialized: ORT's memory pattern, one planned block for a step's tensors (up to 2x peak RSS; faster on some networks).",
+        ),
         _choice(
             "--backend",
             BACKENDS,

@@ -83,15 +83,16 @@ def inference_session(model, threads: int = 0):
     return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def session_options(threads: int = 0):
-    """SessionOptions with ORT's log chatter off, no memory pattern and, if given, a thread count.
+def session_options(threads: int = 0, memory_pattern: bool = False):
+    """SessionOptions with ORT's log chatter off, a thread count if given, and no memory pattern unless asked.
 
-    The memory pattern (ORT's default) plans one block for all intermediate tensors of a run; for the
+    The memory pattern (ORT's default) plans one block for all intermediate tensors of a run. For the
     lowered training graphs it nearly doubles peak RSS (MobileNetV2 128 px, batch 32: 1.9 GiB with it,
-    1.0 GiB without) at no measurable cost in step time, and memory is what a board lacks."""
+    1.0 GiB without); without it MobileNetV2 steps as fast, ResNet-18 up to a third slower
+    (BENCHMARKS.md). Memory is what a board lacks, so it is off by default (--memory-pattern)."""
     opts = onnxruntime().SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_mem_pattern = False
+    opts.enable_mem_pattern = memory_pattern
     if threads:
         opts.intra_op_num_threads = threads
     return opts

@@ -27,13 +27,13 @@ OPTIMIZER_PREFIX = "optimizer/"
 
 
 class PortableBackend:
-    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0):
+    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, memory_pattern: bool = False):
         self.dir = Path(artifacts_dir)
         self.manifest: Manifest = read_manifest(self.dir)
         files = self.manifest.files
         if "portable_training_model" not in files or "parameters" not in files:
             raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
-        self.options = session_options(threads)
+        self.options = session_options(threads, memory_pattern)
         self.eval_session = onnxruntime().InferenceSession(
             str(self.dir / files["eval_model"]), self.options, providers=["CPUExecutionProvider"]
         )

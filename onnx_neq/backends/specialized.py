@@ -20,18 +20,24 @@ import numpy as np
 import onnx
 
 from ..errors import NeqError
-from ..ort_runtime import onnxruntime, session_options
+from ..ort_runtime import onnxruntime
 from .portable import PortableBackend, _f32
 from .specialize import channel_inputs, layer_states, specialize
 
 
 class SpecializedBackend(PortableBackend):
-    def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, bn_update: str = "always"):
+    def __init__(
+        self,
+        artifacts_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        threads: int = 0,
+        bn_update: str = "always",
+        memory_pattern: bool = False,
+    ):
         self.bn_update = bn_update
-        self.threads = threads
         self._graphs: dict[tuple, tuple] = {}
         self.specialize_seconds = 0.0
-        super().__init__(artifacts_dir, checkpoint, threads)
+        super().__init__(artifacts_dir, checkpoint, threads, memory_pattern)
         if self.manifest.optimizer != "sgd":
             raise NeqError(
                 "--backend specialized trains with SGD (the paper's recipe); prepare with --optimizer sgd, or use --backend portable"
@@ -49,9 +55,7 @@ class SpecializedBackend(PortableBackend):
         if key not in self._graphs:
             start = time.perf_counter()
             model, report = specialize(self._training_proto, self.manifest, states, self.bn_update)
-            session = onnxruntime().InferenceSession(
-                model.SerializeToString(), session_options(self.threads), providers=["CPUExecutionProvider"]
-            )
+            session = onnxruntime().InferenceSession(model.SerializeToString(), self.options, providers=["CPUExecutionProvider"])
             self._graphs = {key: (session, report)}  # the newest only: memory is what a board lacks
             self.specialize_seconds += time.perf_counter() - start
         self.session, self.report = self._graphs[key]
