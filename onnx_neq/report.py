@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ class RunSummary:
     best_epoch: int
     test_at_best_val: float
     final_test: float
-    updated_ratio: float
+    updated_ratio: float  # mean share of the budget's total (in its unit: --cost) that the selections spent
     epochs: int
     test_curve: list[float]
     scheme: str | None = None  # Sparse Update scheme, for su runs
@@ -43,6 +43,7 @@ class RunSummary:
 
 
 COST_MARKERS = {"params": "o", "compute": "s", "memory": "^"}  # accuracy-vs-step markers per --cost
+SPENT_COLUMNS = {"params": "updated_params", "compute": "cost_macs", "memory": "cost_bytes"}  # metrics.csv, per --cost
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -57,7 +58,8 @@ def summarize(path: str | Path) -> RunSummary:
     state = run.load_state()
     test = [float(r["test_top1"]) for r in rows]
     test_at = {int(r["epoch"]): float(r["test_top1"]) for r in rows}
-    updated = np.mean([int(r["updated_params"]) for r in rows[1:] or rows]) / budget["total"]
+    spent = SPENT_COLUMNS[config.get("cost") or "params"]  # the selection's cost in the budget's own unit
+    updated = np.mean([int(r[spent]) for r in rows[1:] or rows]) / budget["total"]
     data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
     method = method_label(config["selector"], config)
     budgeted = SELECTORS[config["selector"]].budgeted if config["selector"] in SELECTORS else True
@@ -260,25 +262,27 @@ def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
 
 def plot_accuracy_vs_step(runs: list[RunSummary], path: Path) -> Path:
     """Test top-1 at the best validation epoch against ms per training step: one point per method x budget
-    x backend x cost model, means over seeds; a panel per data set. Colour: selector; marker: cost model."""
+    x backend x cost model, means over seeds, labelled with its budget; a panel per data set. Colour:
+    selector; marker: cost model; hollow: a masked backend (every gradient computed), filled: specialized."""
     plt = _pyplot()
     datas = sorted({r.data for r in runs})
-    fig, axes = plt.subplots(1, len(datas), figsize=(5.5 * len(datas), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datas), figsize=(8.5 * len(datas), 5.5), squeeze=False)
     for ax, data in zip(axes[0], datas):
         groups: dict[tuple, list[RunSummary]] = defaultdict(list)
         for r in runs:
             if r.data == data and np.isfinite(r.step_ms):
                 groups[(r.method, r.budget_label, r.backend, r.cost)].append(r)
-        backends = {key[2] for key in groups}
         for (method, label, backend, cost), members in sorted(
             groups.items(), key=lambda kv: (_method_key(kv[0][0]), _budget_key(kv[0][1]))
         ):
             x, y = np.mean([m.step_ms for m in members]), 100 * np.mean([m.test_at_best_val for m in members])
-            ax.scatter(x, y, color=f"C{_method_key(method)[0]}", marker=COST_MARKERS.get(cost, "o"), label=method)
-            ax.annotate(label + (f" {backend}" if len(backends) > 1 else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            colour = f"C{_method_key(method)[0]}"
+            face = colour if backend == "specialized" else "none"
+            ax.scatter(x, y, edgecolors=colour, facecolors=face, marker=COST_MARKERS.get(cost, "o"), s=45, label=method)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", color="0.3")
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set(title=data, xlabel="ms per training step (mean)", ylabel="test top-1 at best val (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -322,11 +326,37 @@ def _pyplot():
     return plt
 
 
+def _label_backends(runs: list[RunSummary]) -> list[RunSummary]:
+    """A method run on several backends (the same selector compared masked and specialised) is one
+    method per backend: `full[backend=specialized]`, so the table and the pairs keep them apart."""
+    backends: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        backends[r.method].add(r.backend)
+    return [replace(r, method=_with_option(r.method, f"backend={r.backend}")) if len(backends[r.method]) > 1 else r for r in runs]
+
+
+def _with_option(method: str, option: str) -> str:
+    """velocity -> velocity[option]; velocity[phi=flat] -> velocity[phi=flat,option]."""
+    return f"{method[:-1]},{option}]" if method.endswith("]") else f"{method}[{option}]"
+
+
+def _distinct(runs: list[RunSummary]) -> list[RunSummary]:
+    seen: dict[tuple, Path] = {}
+    for r in runs:
+        key = (r.data, r.method, r.budget_label, r.seed)
+        if key in seen:
+            raise NeqError(
+                f"{seen[key]} and {r.path} are both {r.method} on {r.data} at {r.budget_label}, seed {r.seed}; report each run once"
+            )
+        seen[key] = r.path
+    return runs
+
+
 def write_report(run_paths: list[str | Path], out: str | Path) -> dict[str, Path]:
     """results.csv, results.md, accuracy.png, accuracy-vs-step.png and a heatmap per velocity run group into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [summarize(p) for p in run_paths]
+    runs = _distinct(_label_backends([summarize(p) for p in run_paths]))
     files = {"csv": out / "results.csv", "markdown": out / "results.md"}
     files["csv"].write_text(results_csv(runs))
     files["markdown"].write_text(results_markdown(runs) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from onnx_neq.compare import CompareConfig, compare
 from onnx_neq.report import write_report
@@ -75,6 +76,9 @@ def test_a_cost_model_variant_is_its_own_method_and_budget_unit(tiny_artifacts, 
     assert (rows["random[cost=compute]"]["cost"], rows["random[cost=compute]"]["backend"]) == ("compute", "specialized")
     metrics = list(csv.DictReader(open(f"{rows['random[cost=compute]']['run']}/metrics.csv")))
     assert all(int(m["cost_macs"]) <= int(m["budget"]) for m in metrics)
+    total = json.loads(open(f"{rows['random[cost=compute]']['run']}/settings.json").read())["budget"]["total"]
+    spent = float(rows["random[cost=compute]"]["mean_updated_ratio"])  # in MACs, the run's unit, not parameters
+    assert abs(spent - int(metrics[0]["cost_macs"]) / total) < 1e-4 and 0 < spent <= 0.3
     assert files["accuracy vs step"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,3 +98,23 @@ def test_a_run_that_cannot_start_is_reported_and_the_others_still_run(tiny_artif
     assert "| 30.0% | random[cost=compute] |" in result.output and "1 run(s) failed" in result.output
     rows = list(csv.DictReader(open(out / "report" / "results.csv")))
     assert [r["budget"] for r in rows] == ["30.0%"]
+
+
+def test_report_keeps_backends_apart_and_refuses_a_run_given_twice(tiny_artifacts, tmp_path):
+    import pytest
+
+    from onnx_neq.errors import NeqError
+
+    paths = []
+    for backend in ("ort-training", "portable"):
+        config = CompareConfig(
+            data=["digits@0-4"], out=str(tmp_path / backend), methods=["random"], budget_ratios=[0.3], seeds=[0],
+            train_options={"epochs": 1, "warmup_epochs": 0, "backend": backend},
+        )  # fmt: skip
+        compare(config, lambda data: str(tiny_artifacts))
+        paths.append(tmp_path / backend / "runs" / "digits_0-4" / "random-30.0pct-seed0")
+    files = write_report(paths, tmp_path / "both")
+    rows = {r["method"]: r["backend"] for r in csv.DictReader(open(files["csv"]))}
+    assert rows == {"random[backend=ort-training]": "ort-training", "random[backend=portable]": "portable"}
+    with pytest.raises(NeqError, match="report each run once"):
+        write_report([paths[0], paths[0]], tmp_path / "twice")
