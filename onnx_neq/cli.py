@@ -169,7 +169,7 @@ def _recipe_options(command):
             "--memory-pattern/--no-memory-pattern",
             default=False,
             show_default=True,
-            help="portable/specialized: ORT's memory pattern, one planned block for a step's tensors (up to 2x peak RSS; faster on some networks).",
+            help="portable/specialized: ORT's memory pattern, one planned block for a step's tensors (up to 2x peak RSS; no faster in our measurements).",
         ),
         _choice(
             "--backend",

@@ -88,8 +88,8 @@ def session_options(threads: int = 0, memory_pattern: bool = False):
 
     The memory pattern (ORT's default) plans one block for all intermediate tensors of a run. For the
     lowered training graphs it nearly doubles peak RSS (MobileNetV2 128 px, batch 32: 1.9 GiB with it,
-    1.0 GiB without); without it MobileNetV2 steps as fast, ResNet-18 up to a third slower
-    (BENCHMARKS.md). Memory is what a board lacks, so it is off by default (--memory-pattern)."""
+    1.0 GiB without) and measured no faster (BENCHMARKS.md, the budget table's specialized-pattern
+    rows). Memory is what a board lacks, so it is off unless asked for (--memory-pattern)."""
     opts = onnxruntime().SessionOptions()
     opts.log_severity_level = 3
     opts.enable_mem_pattern = memory_pattern

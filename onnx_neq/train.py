@@ -64,7 +64,7 @@ class TrainConfig:
     classes: list[int] | None = None
     val_fraction: float = 0.2
     threads: int = 0
-    memory_pattern: bool = False  # portable/specialized: ORT's memory pattern (faster on some nets, up to 2x peak RSS)
+    memory_pattern: bool = False  # portable/specialized: ORT's memory pattern (up to 2x peak RSS, BENCHMARKS.md)
     eval_batch_size: int = 256
     budget_label: str | None = None  # how reports name this run's budget row (compare sets it)
     train_limit: int | None = None  # use a fixed stratified subset of this many training images

@@ -157,6 +157,22 @@ def test_interrupted_then_resumed_equals_uninterrupted(selector, tiny_artifacts,
     _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "resumed"), tiny_artifacts)
 
 
+@pytest.mark.parametrize("backend", ["portable", "specialized"])
+def test_memory_pattern_changes_memory_not_results(backend, tiny_artifacts, tmp_path):
+    """--memory-pattern only plans ORT's buffers: the same run, bit for bit; a resume may switch it."""
+    config = dict(epochs=3, backend=backend, budget_ratio=0.4)
+    train(_config(tiny_artifacts, tmp_path / "lean", **config))
+
+    def interrupt(event, info):
+        if event == "step" and info["epoch"] == 1 and info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_artifacts, tmp_path / "pattern", memory_pattern=True, **config), progress=interrupt)
+    train(_config(tiny_artifacts, tmp_path / "pattern", **config), resume=True, overrides={"memory_pattern": False})
+    _same_run(RunDir(tmp_path / "lean"), RunDir(tmp_path / "pattern"), tiny_artifacts, backend)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_neq.cli", *args]
 
