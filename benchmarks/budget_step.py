@@ -12,8 +12,7 @@ backward MACs per image and trained parameters for
                   the first parameter that needs a gradient)
   ort-masked      onnx-neq's ort-training backend (masks multiply gradients computed in full)
   specialized     onnx-neq's specialised backend with --bn-update selected (backends/specialize.py)
-  specialized-pattern  the same with --memory-pattern (ORT's planned memory block: faster on some
-                  networks, more peak memory)
+  specialized-pattern  the same with --memory-pattern (ORT's planned memory block, its default)
 
 for MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32, budgets 8.8%, 21.2% and 30.8% of the conv
 parameters, with three selections at each budget:
