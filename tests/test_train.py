@@ -141,17 +141,22 @@ def _same_run(a: RunDir, b: RunDir, artifacts, backend: str = "ort-training") ->
     assert (a.path / "model.onnx").read_bytes() == (b.path / "model.onnx").read_bytes()
 
 
+def _interrupt_at(epoch: int, step: int):
+    """A progress callback that stops the run as Ctrl-C would, at training step `step` of `epoch`."""
+
+    def interrupt(event, info):
+        if event == "step" and info["epoch"] == epoch and info["step"] == step:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
 @pytest.mark.parametrize("selector", ["velocity", "gradnorm"])  # gradnorm: the running norms resume too
 def test_interrupted_then_resumed_equals_uninterrupted(selector, tiny_artifacts, tmp_path):
     config = dict(epochs=4, selector=selector, budget_ratio=0.4)
     train(_config(tiny_artifacts, tmp_path / "straight", **config))
-
-    def interrupt(event, info):
-        if event == "step" and info["epoch"] == 2 and info["step"] == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_artifacts, tmp_path / "resumed", **config), progress=interrupt)
+        train(_config(tiny_artifacts, tmp_path / "resumed", **config), progress=_interrupt_at(2, 5))
     assert len(RunDir(tmp_path / "resumed").metrics()) == 2
     train(_config(tiny_artifacts, tmp_path / "resumed", **config), resume=True)
     _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "resumed"), tiny_artifacts)
@@ -162,13 +167,8 @@ def test_memory_pattern_changes_memory_not_results(backend, tiny_artifacts, tmp_
     """--memory-pattern only plans ORT's buffers: the same run, bit for bit; a resume may switch it."""
     config = dict(epochs=3, backend=backend, budget_ratio=0.4)
     train(_config(tiny_artifacts, tmp_path / "lean", **config))
-
-    def interrupt(event, info):
-        if event == "step" and info["epoch"] == 1 and info["step"] == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_artifacts, tmp_path / "pattern", memory_pattern=True, **config), progress=interrupt)
+        train(_config(tiny_artifacts, tmp_path / "pattern", memory_pattern=True, **config), progress=_interrupt_at(1, 3))
     train(_config(tiny_artifacts, tmp_path / "pattern", **config), resume=True, overrides={"memory_pattern": False})
     _same_run(RunDir(tmp_path / "lean"), RunDir(tmp_path / "pattern"), tiny_artifacts, backend)
 
