@@ -142,13 +142,18 @@ def results_csv(runs: list[RunSummary]) -> str:
 def _method_key(method: str) -> tuple[int, str]:
     """Registry order of the selector, then its variants by name."""
     order = list(SELECTORS)
-    name = method.split("[")[0]
+    name = _selector_of(method)
     return (order.index(name) if name in order else len(order), method)
 
 
 def _unbudgeted(method: str) -> bool:
-    name = method.split("[")[0]
+    name = _selector_of(method)
     return name in SELECTORS and not SELECTORS[name].budgeted
+
+
+def _selector_of(method: str) -> str:
+    """'velocity[phi=flat]' -> 'velocity'."""
+    return method.partition("[")[0]
 
 
 def results_markdown(runs: list[RunSummary]) -> str:

@@ -465,6 +465,7 @@ class _Loop:
         new_taps = self._taps()
         velocity.update(layer_phi(new_taps, taps, self.names, self.c.phi))
         selection += time.perf_counter() - tap_start
+        params = self.models["params"].cost(selected)
         row = {
             "epoch": epoch,
             "lr": f"{lr:.6g}",
@@ -472,7 +473,7 @@ class _Loop:
             "train_top1": f"{top1:.4f}",
             "val_top1": f"{val:.4f}",
             "test_top1": f"{test:.4f}",
-            "updated_params": self.models["params"].cost(selected),
+            "updated_params": params,
             "budget": self.budget.amount,
             "selected_neurons": int(selected.sum()),
             "epoch_seconds": f"{time.perf_counter() - start:.3f}",
@@ -481,7 +482,7 @@ class _Loop:
             "update_bytes": self.s.update_bytes(),
             "backward_macs": self.s.backward_macs(),
             "specialize_seconds": f"{specialize:.3f}",
-            "cost_params": self.models["params"].cost(selected),
+            "cost_params": params,  # updated_params, beside its two siblings
             "cost_macs": self.models["compute"].cost(selected) if "compute" in self.models else "",
             "cost_bytes": self.models["memory"].cost(selected) if "memory" in self.models else "",
             "probe_seconds": f"{probe_seconds:.3f}",
