@@ -29,8 +29,10 @@ def assert_same_step(artifacts, x, y, lr=0.01, masks=None) -> None:
         # + 1e-6: a conv bias right before a batch-statistics BatchNorm stays ~1e-9 (its gradient is round-off)
         assert np.linalg.norm(after_p[name] - after_o[name]) <= 1e-4 * np.linalg.norm(after_o[name]) + 1e-6, name
         update_o, update_p = after_o[name] - old, after_p[name] - old
+        # the step itself: 1e-3 (a BatchNorm scale's gradient is a cancelling sum), plus the float32 rounding
+        # of the parameter it is added to
         if np.linalg.norm(update_o) > 1e-6:
-            assert np.linalg.norm(update_p - update_o) <= 1e-2 * np.linalg.norm(update_o), name
+            assert np.linalg.norm(update_p - update_o) <= 1e-3 * np.linalg.norm(update_o) + 1e-6 * np.linalg.norm(old), name
 
 
 def _batch(artifacts, n, rng):
@@ -74,45 +76,7 @@ def test_torchvision_architectures(arch, bn, tmp_path, rng):
     torch.save(model.state_dict(), tmp_path / "w.pth")
     export(arch, tmp_path / "m.onnx", tmp_path / "w.pth", 10, 32 if arch == "resnet18" else 64, width, bn)
     prepare(tmp_path / "m.onnx", tmp_path / "art")
-    x, y = _batch(tmp_path / "art", 8, rng)
-    if bn == "train" and arch == "resnet50":
-        assert_as_accurate_as_ort(tmp_path / "art", model, x, y)
-    else:
-        assert_same_step(tmp_path / "art", x, y)
-
-
-def assert_as_accurate_as_ort(artifacts, model, x, y) -> None:
-    """On a random ResNet-50 with batch-statistics BatchNorm no two float32 implementations agree to 1e-4:
-    a few ReLU inputs lie so close to 0 that rounding puts them on the other side of the kink (16 of 6.3
-    million against float64 at batch 8), and each flip moves the gradient by a finite step. Both backends'
-    gradients sit 2-3% from float64, as do PyTorch's own float32 ones (1.5%); float64 replaying float32's
-    ReLU masks comes within 1e-4 (benchmarks/relu_kinks.py, BENCHMARKS.md). MobileNetV2 and ResNet-18
-    agree within 1e-4. So here the reference is float64 PyTorch: over the network's gradients, the portable backend's median and largest
-    relative errors must be no worse than 1.5x ORT's. (Conv biases right before a batch-statistics
-    BatchNorm have a zero gradient up to round-off and are left out.)"""
-    import copy
-
-    import torch
-
-    reference = copy.deepcopy(model).double().train()
-    for module in reference.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()  # prepare removes Dropout
-    loss = torch.nn.functional.cross_entropy(reference(torch.from_numpy(x).double()), torch.from_numpy(y))
-    loss.backward()
-    grads = {n: p.grad.numpy() for n, p in reference.named_parameters()}
-    scale = max(np.linalg.norm(g) for g in grads.values())
-    grads = {n: g for n, g in grads.items() if np.linalg.norm(g) > 1e-6 * scale}
-    errors = {}
-    for name in ("ort-training", "portable"):
-        backend = open_backend(name, artifacts)
-        before = backend.parameters()
-        step_loss, _ = backend.train_step(x, y, 1.0)
-        assert step_loss == pytest.approx(loss.item(), rel=1e-4), name
-        after = backend.parameters()
-        errors[name] = np.array([np.linalg.norm((before[n] - after[n]) - g) / np.linalg.norm(g) for n, g in grads.items()])
-    ort, portable = errors["ort-training"], errors["portable"]
-    assert np.median(portable) <= 1.5 * np.median(ort) + 1e-5 and portable.max() <= 1.5 * ort.max() + 1e-5, (ort, portable)
+    assert_same_step(tmp_path / "art", *_batch(tmp_path / "art", 8, rng))
 
 
 @pytest.mark.parametrize("path", ZOO, ids=lambda p: p.stem[6:])

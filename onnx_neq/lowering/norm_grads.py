@@ -7,6 +7,8 @@ saved_inv_std = sqrt(1 / (var + epsilon)).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .builder import Builder
 
 
@@ -20,17 +22,21 @@ def _per_channel(b: Builder, v: str, rank: int) -> str:
 
 
 def lower_batch_norm_internal(b: Builder) -> None:
-    """BatchNormInternal(X, scale, B, mean, var) -> ReduceMean stats, (X - m) * rsqrt(v + eps) * scale + B, momentum updates."""
+    """BatchNormInternal(X, scale, B, mean, var), in the CPU kernel's order of float32 operations, so that the
+    lowered forward pass is bit-identical to ORT's and no ReLU input lands on the other side of 0: sums per
+    (n, c) plane, then over n, divided by N*spatial; k = inv_std * scale; Y = X * k + (B - mean * k)."""
     x, scale, bias, run_mean, run_var = (b.input(i) for i in range(5))
     rank = len(b.shape(x))
     axes = b.const(_axes(b, x))
     eps, momentum = b.attr("epsilon", 1e-5), b.attr("momentum", 0.9)
-    mean = b.op("ReduceMean", [x], axes=_axes(b, x), keepdims=1)
+    count = b.op("Cast", [b.op("Div", [b.op("Size", [x]), b.op("Size", [scale])])], to=b.elem_type(x))
+    mean = b.op("Div", [_channel_sum(b, x, b.shape(x)), count])
     diff = b.op("Sub", [x, mean])
-    var = b.op("ReduceMean", [b.op("Mul", [diff, diff])], axes=_axes(b, x), keepdims=1)
+    var = b.op("Div", [_channel_sum(b, b.op("Mul", [diff, diff]), b.shape(x), from_start=True), count])
     inv_std = b.op("Sqrt", [b.op("Reciprocal", [b.op("Add", [var, b.scalar(eps, x)])])])
     k = b.op("Mul", [inv_std, _per_channel(b, scale, rank)])
-    b.op("Add", [b.op("Mul", [diff, k]), _per_channel(b, bias, rank)], [b.output(0)])
+    shift = b.op("Sub", [_per_channel(b, bias, rank), b.op("Mul", [mean, k])])
+    b.op("Add", [b.op("Mul", [x, k]), shift], [b.output(0)])
     saved_mean = b.op("Squeeze", [mean, axes], [b.output(3)] if b.output(3) else 1)
     if b.output(4):
         b.op("Squeeze", [inv_std, axes], [b.output(4)])
@@ -42,24 +48,51 @@ def lower_batch_norm_internal(b: Builder) -> None:
         b.op("Add", [kept, b.op("Mul", [batch, b.scalar(1.0 - momentum, x)])], [b.output(i)])
 
 
+def _channel_sum(b: Builder, v: str, shape: list, from_start: bool = False) -> str:
+    """[N, C, ...] -> [1, C, 1, ...]: each (n, c) plane summed, then the N plane sums added in order of n.
+
+    A plane sum is Eigen's: packets of 4 floats from the plane's first 16-byte-aligned element, then the
+    elements before and after one by one. The kernel's mean sums X's planes so, as ReduceSum does; its
+    variance sums an expression, whose packets start at element 0 of every plane. ReduceSum does that only
+    where planes are multiples of 4 floats long; otherwise (from_start) the 4-aligned head of each plane is
+    summed as a row of its own and the rest added after it, one element at a time."""
+    axes = list(range(2, len(shape)))
+    size = int(np.prod(shape[2:])) if all(isinstance(d, int) for d in shape[2:]) else 0
+    if not from_start or size % 4 == 0 or size < 4:
+        planes = b.op("ReduceSum", [v, b.const(axes)], keepdims=1) if axes else v
+    else:
+        flat = b.op("Reshape", [v, b.const([0, 0, size])])
+        head = size - size % 4
+        planes = b.op("ReduceSum", [_plane_slice(b, flat, 0, head), b.const([2])], keepdims=1)
+        for i in range(head, size):
+            planes = b.op("Add", [planes, _plane_slice(b, flat, i, i + 1)])
+        planes = b.op("Reshape", [planes, b.const([0, 0] + [1] * len(axes))])
+    return b.op("ReduceSum", [planes, b.const([0])], keepdims=1)
+
+
+def _plane_slice(b: Builder, flat: str, start: int, end: int) -> str:
+    return b.op("Slice", [flat, b.const([start]), b.const([end]), b.const([2])])
+
+
 def lower_batch_norm_grad(b: Builder) -> None:
-    """BatchNormalizationGrad(dY, X, scale, mean, inv_std) -> ReduceSum(dY), ReduceSum(dY * xhat),
-    scale * inv_std * (dY - (dBias + xhat * dScale) / M)."""
+    """BatchNormalizationGrad(dY, X, scale, mean, inv_std), in the CPU kernel's order of float32 operations:
+    dBias = sum dY; dScale = sum (X - mean) * inv_std * dY;
+    dX = scale * inv_std / M * (dY * N * spatial - dBias - (X - mean) * dScale * inv_std), M = N * spatial."""
     dy, x, scale, mean, inv_std = (b.input(i) for i in range(5))
-    rank = len(b.shape(x))
+    shape = b.shape(x)
     axes = b.const(_axes(b, x))
-    inv4 = _per_channel(b, inv_std, rank)
-    xhat = b.op("Mul", [b.op("Sub", [x, _per_channel(b, mean, rank)]), inv4])
-    dbias4 = b.op("ReduceSum", [dy, axes], keepdims=1)
-    dscale4 = b.op("ReduceSum", [b.op("Mul", [xhat, dy]), axes], keepdims=1)
+    inv4, mean4 = _per_channel(b, inv_std, len(shape)), _per_channel(b, mean, len(shape))
+    centred = b.op("Sub", [x, mean4])
+    dbias4 = _channel_sum(b, dy, shape)
+    dscale4 = _channel_sum(b, b.op("Mul", [b.op("Mul", [centred, inv4]), dy]), shape, from_start=True)
     if b.output(2):
         b.op("Squeeze", [dbias4, axes], [b.output(2)])
     if b.output(1):
         b.op("Squeeze", [dscale4, axes], [b.output(1)])
     if b.output(0):
-        # M = elements per channel = Size(X) / C, batch-size generic
-        channels = b.op("Cast", [b.op("Size", [scale])], to=b.elem_type(x))
-        m = b.op("Div", [b.op("Cast", [b.op("Size", [x])], to=b.elem_type(x)), channels])
-        correction = b.op("Div", [b.op("Add", [dbias4, b.op("Mul", [xhat, dscale4])]), m])
-        k = b.op("Mul", [_per_channel(b, scale, rank), inv4])
-        b.op("Mul", [k, b.op("Sub", [dy, correction])], [b.output(0)])
+        dims = b.op("Cast", [b.op("Shape", [x])], to=b.elem_type(x))
+        batch = b.op("Slice", [dims, b.const([0]), b.const([1])])
+        spatial = b.op("ReduceProd", [b.op("Slice", [dims, b.const([2]), b.const([len(shape)])])], keepdims=1)
+        scaled = b.op("Div", [b.op("Mul", [_per_channel(b, scale, len(shape)), inv4]), b.op("Mul", [batch, spatial])])
+        grown = b.op("Sub", [b.op("Mul", [b.op("Mul", [dy, batch]), spatial]), dbias4])
+        b.op("Mul", [scaled, b.op("Sub", [grown, b.op("Mul", [b.op("Mul", [centred, dscale4]), inv4])])], [b.output(0)])
