@@ -75,24 +75,25 @@ def _plane_slice(b: Builder, flat: str, start: int, end: int) -> str:
 
 
 def lower_batch_norm_grad(b: Builder) -> None:
-    """BatchNormalizationGrad(dY, X, scale, mean, inv_std), in the CPU kernel's order of float32 operations:
-    dBias = sum dY; dScale = sum (X - mean) * inv_std * dY;
-    dX = scale * inv_std / M * (dY * N * spatial - dBias - (X - mean) * dScale * inv_std), M = N * spatial."""
+    """BatchNormalizationGrad(dY, X, scale, mean, inv_std): dBias = sum dY and dScale = sum (X - mean) *
+    inv_std * dY in the CPU kernel's order (bit-identical); dX = scale * inv_std * (dY - (dBias + xhat * dScale) / M),
+    M = N * spatial, within rounding of the kernel's dX. (The kernel's own order of dX's operations raised the peak
+    memory of a MobileNetV2 step at batch 32, 128 px, from 1040 to 1501 MiB on stock onnxruntime 1.31.1.)"""
     dy, x, scale, mean, inv_std = (b.input(i) for i in range(5))
     shape = b.shape(x)
     axes = b.const(_axes(b, x))
-    inv4, mean4 = _per_channel(b, inv_std, len(shape)), _per_channel(b, mean, len(shape))
-    centred = b.op("Sub", [x, mean4])
+    inv4 = _per_channel(b, inv_std, len(shape))
+    xhat = b.op("Mul", [b.op("Sub", [x, _per_channel(b, mean, len(shape))]), inv4])
     dbias4 = _channel_sum(b, dy, shape)
-    dscale4 = _channel_sum(b, b.op("Mul", [b.op("Mul", [centred, inv4]), dy]), shape, from_start=True)
+    dscale4 = _channel_sum(b, b.op("Mul", [xhat, dy]), shape, from_start=True)
     if b.output(2):
         b.op("Squeeze", [dbias4, axes], [b.output(2)])
     if b.output(1):
         b.op("Squeeze", [dscale4, axes], [b.output(1)])
     if b.output(0):
-        dims = b.op("Cast", [b.op("Shape", [x])], to=b.elem_type(x))
-        batch = b.op("Slice", [dims, b.const([0]), b.const([1])])
-        spatial = b.op("ReduceProd", [b.op("Slice", [dims, b.const([2]), b.const([len(shape)])])], keepdims=1)
-        scaled = b.op("Div", [b.op("Mul", [_per_channel(b, scale, len(shape)), inv4]), b.op("Mul", [batch, spatial])])
-        grown = b.op("Sub", [b.op("Mul", [b.op("Mul", [dy, batch]), spatial]), dbias4])
-        b.op("Mul", [scaled, b.op("Sub", [grown, b.op("Mul", [b.op("Mul", [centred, dscale4]), inv4])])], [b.output(0)])
+        # M = elements per channel = Size(X) / C, batch-size generic
+        channels = b.op("Cast", [b.op("Size", [scale])], to=b.elem_type(x))
+        m = b.op("Div", [b.op("Cast", [b.op("Size", [x])], to=b.elem_type(x)), channels])
+        correction = b.op("Div", [b.op("Add", [dbias4, b.op("Mul", [xhat, dscale4])]), m])
+        k = b.op("Mul", [_per_channel(b, scale, len(shape)), inv4])
+        b.op("Mul", [k, b.op("Sub", [dy, correction])], [b.output(0)])
