@@ -1,6 +1,6 @@
 """Why float32 and float64 gradients of a random-weight ResNet-50 with batch-statistics BatchNorm differ by
 percents: a handful of ReLU inputs sit so close to 0 that float32 rounding flips their side of the kink,
-and each flip changes the gradient by a finite amount. Two float32 implementations agree only where
+and each flip changes the gradient by a finite amount. On such a network two float32 implementations agree only where
 their forward passes are equal bit for bit (benchmarks/backend_agreement.py).
 
     python benchmarks/relu_kinks.py [--batch 8] [--resolution 64]
