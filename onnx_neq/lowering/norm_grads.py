@@ -29,7 +29,7 @@ def lower_batch_norm_internal(b: Builder) -> None:
     rank = len(b.shape(x))
     axes = b.const(_axes(b, x))
     eps, momentum = b.attr("epsilon", 1e-5), b.attr("momentum", 0.9)
-    count = b.op("Cast", [b.op("Div", [b.op("Size", [x]), b.op("Size", [scale])])], to=b.elem_type(x))
+    count = _elements_per_channel(b, x, scale)
     mean = b.op("Div", [_channel_sum(b, x, b.shape(x)), count])
     diff = b.op("Sub", [x, mean])
     var = b.op("Div", [_channel_sum(b, b.op("Mul", [diff, diff]), b.shape(x), from_start=True), count])
@@ -46,6 +46,11 @@ def lower_batch_norm_internal(b: Builder) -> None:
         batch = batch or b.op("Squeeze", [var, axes])
         kept = b.op("Mul", [running, b.scalar(momentum, x)])
         b.op("Add", [kept, b.op("Mul", [batch, b.scalar(1.0 - momentum, x)])], [b.output(i)])
+
+
+def _elements_per_channel(b: Builder, x: str, scale: str) -> str:
+    """N * spatial = Size(X) / C as a float scalar, batch-size generic."""
+    return b.op("Cast", [b.op("Div", [b.op("Size", [x]), b.op("Size", [scale])])], to=b.elem_type(x))
 
 
 def _channel_sum(b: Builder, v: str, shape: list, from_start: bool = False) -> str:
@@ -91,9 +96,7 @@ def lower_batch_norm_grad(b: Builder) -> None:
     if b.output(1):
         b.op("Squeeze", [dscale4, axes], [b.output(1)])
     if b.output(0):
-        # M = elements per channel = Size(X) / C, batch-size generic
-        channels = b.op("Cast", [b.op("Size", [scale])], to=b.elem_type(x))
-        m = b.op("Div", [b.op("Cast", [b.op("Size", [x])], to=b.elem_type(x)), channels])
+        m = _elements_per_channel(b, x, scale)
         correction = b.op("Div", [b.op("Add", [dbias4, b.op("Mul", [xhat, dscale4])]), m])
         k = b.op("Mul", [_per_channel(b, scale, len(shape)), inv4])
         b.op("Mul", [k, b.op("Sub", [dy, correction])], [b.output(0)])
