@@ -50,10 +50,11 @@ class Dataset:
     num_classes: int
 
 
-def load_dataset(spec: str, resolution: int | None = None) -> Dataset:
-    """Load a data set from a --data spec (see the module docstring); a suffix @5-9 keeps classes 5-9."""
+def load_dataset(spec: str, size: tuple[int, int] | None = None) -> Dataset:
+    """Load a data set from a --data spec (see the module docstring); a suffix @5-9 keeps classes 5-9.
+    `size`: the model's (height, width), at which an image folder is decoded."""
     spec, _, subset = spec.partition("@")
-    data = _load(spec, resolution)
+    data = _load(spec, size)
     return select_classes(data, parse_classes(subset)) if subset else data
 
 
@@ -68,14 +69,14 @@ def parse_classes(text: str) -> list[int]:
         raise NeqError(f"classes are a range like 5-9 or a list like 0,2,4, not {text!r}") from None
 
 
-def _load(spec: str, resolution: int | None) -> Dataset:
+def _load(spec: str, size: tuple[int, int] | None) -> Dataset:
     kind, _, path = spec.partition(":")
     loaders = {
         "digits": _digits,
         "fashion-mnist": _fashion_mnist,
         "cifar10": _cifar10,
         "cifar100": _cifar100,
-        "imagefolder": lambda p: _imagefolder(p, resolution),
+        "imagefolder": lambda p: _imagefolder(p, size),
         "npz": _npz,
     }
     if kind not in loaders:
@@ -134,11 +135,11 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     return train.take(train_index), train.take(val_index)
 
 
-def preprocess(images: np.ndarray, resolution: int, channels: int, mean, std) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW at the model's resolution, normalized."""
+def preprocess(images: np.ndarray, size: tuple[int, int], channels: int, mean, std) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW at the model's (height, width), normalized."""
     x = images.astype(np.float32) / 255.0
-    if x.shape[1:3] != (resolution, resolution):
-        x = resize_bilinear(x, resolution, resolution)
+    if x.shape[1:3] != tuple(size):
+        x = resize_bilinear(x, *size)
     if x.shape[3] == 1 and channels == 3:
         x = np.repeat(x, 3, axis=3)
     elif x.shape[3] != channels:
@@ -255,7 +256,7 @@ def _cifar100(path: str) -> tuple[Split, Split]:
     return _cifar_split([_unpickle(root / "train")], b"fine_labels"), _cifar_split([_unpickle(root / "test")], b"fine_labels")
 
 
-def _imagefolder(path: str, resolution: int | None) -> tuple[Split, Split]:
+def _imagefolder(path: str, size: tuple[int, int] | None) -> tuple[Split, Split]:
     root = Path(path)
     if not (root / "train").is_dir():
         raise NeqError(f"image folder {root} needs a train/ subfolder (and val/ or test/), one folder per class")
@@ -265,15 +266,15 @@ def _imagefolder(path: str, resolution: int | None) -> tuple[Split, Split]:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise NeqError(f"{root / 'train'} has no class subfolders")
-    return _read_folder(root / "train", classes, resolution), _read_folder(test_dir, classes, resolution)
+    return _read_folder(root / "train", classes, size), _read_folder(test_dir, classes, size)
 
 
-def _read_folder(folder: Path, classes: list[str], resolution: int | None) -> Split:
+def _read_folder(folder: Path, classes: list[str], size: tuple[int, int] | None) -> Split:
     try:
         from PIL import Image
     except ImportError:
         raise NeqError("imagefolder data needs Pillow: pip install pillow") from None
-    size = resolution or 224
+    size = tuple(size or (224, 224))
     images, labels = [], []
     for label, name in enumerate(classes):
         for file in sorted((folder / name).glob("*")):
@@ -285,10 +286,10 @@ def _read_folder(folder: Path, classes: list[str], resolution: int | None) -> Sp
     return Split(np.stack(images), np.array(labels, np.int64))
 
 
-def _read_image(image_module, file: Path, size: int) -> np.ndarray:
+def _read_image(image_module, file: Path, size: tuple[int, int]) -> np.ndarray:
     try:
         with image_module.open(file) as img:
-            return np.asarray(img.convert("RGB").resize((size, size), image_module.BILINEAR))
+            return np.asarray(img.convert("RGB").resize((size[1], size[0]), image_module.BILINEAR))
     except Exception as exc:
         raise NeqError(
             f"{file} is not a readable image ({str(exc).splitlines()[0][:100] if str(exc) else exc.__class__.__name__})"

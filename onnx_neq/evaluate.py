@@ -39,8 +39,8 @@ def evaluate(model_path: str | Path, data: str, classes: list[int] | None = None
         raise NeqError(f"{model_path} does not record its input normalization; evaluate a model.onnx written by `onnx-neq train`")
     mean, std = ([float(v) for v in meta[k].split(",")] for k in (MEAN_KEY, STD_KEY))
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    channels, resolution = dims[1].dim_value, dims[2].dim_value
-    dataset = load_dataset(data, resolution)
+    channels, size = dims[1].dim_value, (dims[2].dim_value, dims[3].dim_value)
+    dataset = load_dataset(data, size)
     if classes:
         dataset = select_classes(dataset, classes)
     images = getattr(dataset, split)
@@ -48,6 +48,6 @@ def evaluate(model_path: str | Path, data: str, classes: list[int] | None = None
     name = session.get_inputs()[0].name
     correct = 0
     for i in range(0, len(images), batch_size):
-        x = preprocess(images.images[i : i + batch_size], resolution, channels, mean, std)
+        x = preprocess(images.images[i : i + batch_size], size, channels, mean, std)
         correct += int((session.run(None, {name: x})[0].argmax(1) == images.labels[i : i + batch_size]).sum())
     return EvalResult(str(model_path), dataset.name, len(images), correct / max(1, len(images)))

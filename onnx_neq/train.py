@@ -358,13 +358,18 @@ def _load_data(config: TrainConfig, manifest: Manifest, dataset: Dataset | None 
 
 
 def load_run_dataset(config: TrainConfig, manifest: Manifest) -> Dataset:
-    dataset: Dataset = load_dataset(config.data, manifest.input.shape[2])
+    dataset: Dataset = load_dataset(config.data, image_size(manifest))
     return select_classes(dataset, config.classes) if config.classes else dataset
+
+
+def image_size(manifest: Manifest) -> tuple[int, int]:
+    """The model's input (height, width): images are resized to both, so non-square models train."""
+    return int(manifest.input.shape[2]), int(manifest.input.shape[3])
 
 
 def _prep(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     spec = manifest.input
-    return preprocess(images, spec.shape[2], spec.shape[1], spec.mean, spec.std)
+    return preprocess(images, image_size(manifest), spec.shape[1], spec.mean, spec.std)
 
 
 def _su_mask(config: TrainConfig, manifest: Manifest, model: CostModel) -> np.ndarray:

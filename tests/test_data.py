@@ -25,7 +25,7 @@ def test_resize_matches_torch_bilinear(rng):
 
 def test_preprocess_grayscale_to_normalized_rgb():
     images = np.array([[[[0], [255]], [[51], [102]]]], np.uint8)  # 1 x 2 x 2 x 1
-    out = preprocess(images, 2, 3, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+    out = preprocess(images, (2, 2), 3, [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
     assert out.shape == (1, 3, 2, 2) and out.dtype == np.float32
     np.testing.assert_allclose(out[0, 0], (np.array([[0, 1], [0.2, 0.4]]) - 0.5) / 0.25, rtol=1e-6)
     np.testing.assert_allclose(out[0, 2], (np.array([[0, 1], [0.2, 0.4]]) - 0.5) / 1.0, rtol=1e-6)
