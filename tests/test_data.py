@@ -88,7 +88,7 @@ def test_imagefolder(tmp_path, rng):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    data = load_dataset(f"imagefolder:{tmp_path}", resolution=16)
+    data = load_dataset(f"imagefolder:{tmp_path}", (16, 16))
     assert data.train.images.shape == (4, 16, 16, 3) and data.test.labels.tolist() == [0, 0, 1, 1]
 
 
