@@ -43,13 +43,25 @@ class ConvLayer:
         return self.out_channels * self.neuron_cost
 
 
-_HEAD_PATH = {"Identity", "Flatten", "Reshape", "Squeeze", "GlobalAveragePool", "AveragePool", "ReduceMean", "Relu"}
+_SHAPE_ONLY = {"Identity", "Flatten", "Reshape", "Squeeze"}
+_HEAD_PATH = {"GlobalAveragePool", "AveragePool", "ReduceMean", "Relu"}
+
+
+def keeps_values(node: ir.Node) -> bool:
+    """Identity / Flatten / Reshape / Squeeze, or a Cast to the type it reads: the values pass
+    through unchanged (only their shape may change), so a classifier or a Softmax is found behind them."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Cast":
+        source = node.inputs[0]
+        return source is not None and source.dtype is not None and node.attributes.get_int("to", 0) == source.dtype.value
+    return node.op_type in _SHAPE_ONLY
 
 
 def find_head_conv(model: ir.Model) -> ir.Node | None:
     """A 1x1 Conv that is the classifier (SqueezeNet-style: Conv 1x1 -> [Relu] -> pool -> output)."""
     value = model.graph.outputs[0]
-    while value.producer() is not None and value.producer().op_type in _HEAD_PATH:
+    while value.producer() is not None and (keeps_values(value.producer()) or value.producer().op_type in _HEAD_PATH):
         value = value.producer().inputs[0]
     node = value.producer()
     if node is None or node.op_type != "Conv":

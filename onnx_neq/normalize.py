@@ -1,9 +1,12 @@
 """Normalization before prepare: third-party classifiers into the shape ORT 1.19.2 trains.
 
+dims written as -1 -> named dynamic dims                       (Paddle2ONNX's dynamic batch)
 opset != 17 -> onnx's version converter to 17, IR version 8   (IR <= 10 is what ORT 1.19.2 reads)
 Constant / ConstantOfShape weights -> initializers             (ConstantWeightsPass)
 unused initializers and graph inputs that are initializers -> removed
 unnamed nodes -> named <op>_<index> (layers, taps and BatchNorm matching find Convs by name)
+several outputs -> the first, if it holds class scores [N, K] (the others and what only they need
+    are dropped, and reported), else one line naming them
 Softmax / LogSoftmax at the output -> removed for training      (OutputActivationPass)
 (ops without an ORT gradient are rewritten by prepare after it has grouped the parameters, so
 that e.g. a PRelu slope stays a trainable parameter: ActivationRewritePass)
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .errors import NeqError
 from .model_io import default_opset
@@ -35,6 +39,7 @@ class NormalizeReport:
     output_activation: dict | None = None
     rewritten: dict[str, int] = field(default_factory=dict)
     input_shape: list[int] | None = None
+    dropped_outputs: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = []
@@ -42,6 +47,8 @@ class NormalizeReport:
             out.append(f"opset      converted {self.opset[0]} -> {self.opset[1]} (IR version {TARGET_IR})")
         if self.lifted_weights:
             out.append(f"weights    {self.lifted_weights} Constant/ConstantOfShape outputs became initializers")
+        if self.dropped_outputs:
+            out.append(f"outputs    dropped {', '.join(map(repr, self.dropped_outputs))}: onnx-neq trains and writes the first output only")
         if self.output_activation:
             out.append(
                 f"output     {self.output_activation['op']} removed for training (the loss takes logits); the inference model gets it back"
@@ -54,6 +61,7 @@ class NormalizeReport:
 
 
 def convert_opset(proto: onnx.ModelProto, report: NormalizeReport) -> onnx.ModelProto:
+    _free_negative_dims(proto.graph)
     opset = default_opset(proto)
     if opset != TARGET_OPSET:
         from onnx import version_converter
@@ -73,10 +81,20 @@ def convert_opset(proto: onnx.ModelProto, report: NormalizeReport) -> onnx.Model
     return proto
 
 
+def _free_negative_dims(graph: onnx.GraphProto) -> None:
+    """A dim written as -1 (Paddle2ONNX's dynamic batch) is a named dynamic dim, as ONNX spells one:
+    shape inference and ORT's gradient builder take -1 for a size."""
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = "batch" if index == 0 else f"{value.name}.dim{index}"
+
+
 def normalize(model: ir.Model, report: NormalizeReport, input_shape: list[int] | None = None) -> None:
     """The graph passes, in place."""
     _drop_initializer_inputs(model)
     _name_nodes(model)
+    report.dropped_outputs = _keep_first_output(model)
     lift = ConstantWeightsPass()
     lift(model)
     report.lifted_weights = len(lift.lifted)
@@ -101,6 +119,35 @@ def _flatten_logits(model: ir.Model, report: NormalizeReport) -> None:
     model.graph.append(node)
     model.graph.outputs[0] = flat
     report.rewritten["Flatten (4-D logits)"] = 1
+
+
+def _keep_first_output(model: ir.Model) -> list[str]:
+    """A model with several outputs keeps its first when that is [N, K] (K > 1, any further dims 1):
+    the names of the dropped ones. Anything else is ambiguous, so one line naming every output."""
+    outputs = list(model.graph.outputs)
+    if len(outputs) < 2:
+        return []
+    if not _class_scores(outputs[0].shape):
+        named = ", ".join(f"'{v.name}' {_shape_text(v.shape)}" for v in outputs)
+        raise NeqError(
+            f"the model has {len(outputs)} outputs ({named}); onnx-neq trains the first, which must be the class scores "
+            "[N, classes]: re-export the model with the classifier's output first (or only)"
+        )
+    del model.graph.outputs[1:]
+    RemoveUnusedNodesPass()(model)
+    return [v.name for v in outputs[1:]]
+
+
+def _class_scores(shape: ir.Shape | None) -> bool:
+    if shape is None or shape.rank() < 2 or not isinstance(shape[1], int):
+        return False
+    return shape[1] > 1 and all(d == 1 for d in shape[2:])
+
+
+def _shape_text(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _name_nodes(model: ir.Model) -> None:

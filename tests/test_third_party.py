@@ -298,3 +298,256 @@ def test_input_shape_the_model_cannot_take_is_one_line(tmp_path, rng):
     with pytest.raises(NeqError, match=r"--input-shape 1,3,16,16: this model was built for 8x8 inputs") as error:
         prepare(path, tmp_path / "art", input_shape=[1, 3, 16, 16])
     assert "\n" not in str(error.value) and not (tmp_path / "art").exists()
+
+
+def _paddle_weights(rng, classes: int) -> dict[str, np.ndarray]:
+    arrays = {
+        "conv1_w": rng.standard_normal((8, 3, 3, 3)) * 0.3,
+        "bn_scale": rng.uniform(0.5, 1.5, 8),
+        "bn_bias": rng.standard_normal(8) * 0.1,
+        "bn_mean": rng.standard_normal(8) * 0.1,
+        "bn_var": rng.uniform(0.5, 1.5, 8),
+        "conv2_w": rng.standard_normal((12, 8, 3, 3)) * 0.2,
+        "fc_w": rng.standard_normal((12, classes)) * 0.3,
+        "fc_b": rng.standard_normal(classes) * 0.1,
+    }
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def _paddle_classifier(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Paddle2ONNX-style text-direction classifier: a 48x192 input, weights in Constant nodes, Conv+BN+Relu,
+    a strided Conv, hard-swish as x * HardSigmoid(x) (opset 11 has no HardSwish), Reshape [0, -1],
+    MatMul + Add, Softmax and an Identity as the last node; opset 11, IR version 7."""
+    classes = weights["fc_b"].size
+    bn = [numpy_helper.from_array(weights[f"bn_{k}"], f"bn_{k}") for k in ("scale", "bias", "mean", "var")]
+    nodes = [_constant(k, weights[k]) for k in ("conv1_w", "conv2_w", "fc_w", "fc_b")] + [
+        helper.make_node("Constant", [], ["flat_shape"], value=numpy_helper.from_array(np.array([0, -1], np.int64))),
+        helper.make_node("Conv", ["x", "conv1_w"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", *(t.name for t in bn)], ["b1"], epsilon=1e-5),
+        helper.make_node("Relu", ["b1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2_w"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("HardSigmoid", ["c2"], ["gate"], alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c2", "gate"], ["h2"]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["pool"]),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["features"]),
+        helper.make_node("MatMul", ["features", "fc_w"], ["mm"]),
+        helper.make_node("Add", ["mm", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["softmax"], axis=1),
+        helper.make_node("Identity", ["softmax"], ["save_infer_model/scale_0.tmp_1"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 48, 192])],
+        [helper.make_tensor_value_info("save_infer_model/scale_0.tmp_1", TensorProto.FLOAT, [-1, classes])],
+        bn,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The same graph with other values as its outputs (shape left to onnxruntime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_paddle_style_48x192_classifier_keeps_its_logits_and_softmax(tmp_path, rng):
+    """The eval graph's logits are onnxruntime's pre-Softmax values of the original model, and both
+    backends' inference models give back its probabilities (rows summing to 1)."""
+    from onnx_neq.backends.base import open_backend
+
+    model = _paddle_classifier(_paddle_weights(rng, 4))
+    onnx.save(model, str(tmp_path / "paddle.onnx"))
+    report = prepare(tmp_path / "paddle.onnx", tmp_path / "art")
+    manifest = report.manifest
+    assert manifest.input.shape == [None, 3, 48, 192] and manifest.num_classes == 4 and len(manifest.layers) == 2
+    removed = report.normalized.output_activation
+    assert removed["op"] == "Softmax" and removed["axis"] in (1, -1) and removed["output"] == "save_infer_model/scale_0.tmp_1"
+    assert manifest.classifier_params == 12 * 4 + 4
+    x = rng.standard_normal((3, 3, 48, 192)).astype(np.float32)
+    logits, probs = inference_session(_with_outputs(model, ["logits", "save_infer_model/scale_0.tmp_1"])).run(None, {"x": x})
+    for backend in ("ort-training", "portable"):
+        session = open_backend(backend, tmp_path / "art")
+        np.testing.assert_allclose(session.eval_logits(x), logits, rtol=1e-5, atol=1e-5)
+        session.export_inference(tmp_path / f"{backend}.onnx")
+        exported = onnx.load(str(tmp_path / f"{backend}.onnx"))
+        assert [o.name for o in exported.graph.output] == ["save_infer_model/scale_0.tmp_1"]
+        out = inference_session(exported).run(None, {"x": x})[0]
+        np.testing.assert_allclose(out, probs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def _direction_npz(path: Path, per_class: int = 100) -> Path:
+    """20x64 RGB uint8 images, 3 classes: class k is brighter in channel k (learnable in an epoch or two)."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), per_class)
+    images = rng.integers(0, 120, (labels.size, 20, 64, 3))
+    images[np.arange(labels.size), :, :, labels] += 100
+    order = rng.permutation(labels.size)
+    images, labels = images[order].astype(np.uint8), labels[order]
+    cut = labels.size * 4 // 5
+    np.savez(path, x_train=images[:cut], y_train=labels[:cut], x_test=images[cut:], y_test=labels[cut:])
+    return path
+
+
+@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+def test_paddle_style_classifier_with_num_classes_trains_on_non_square_images(tmp_path, rng, monkeypatch, backend):
+    """prepare --num-classes 3 on the 48x192 Paddle-style model, 2 epochs on 20x64 images, `eval` on the
+    run's model.onnx; that model is the original graph (Softmax included) with the trained weights."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from onnx_neq.cli import main
+    from onnx_neq.train import TrainConfig, train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    onnx.save(_paddle_classifier(_paddle_weights(rng, 4)), str(tmp_path / "paddle.onnx"))
+    report = prepare(tmp_path / "paddle.onnx", tmp_path / "art", num_classes=3)
+    assert report.head_replaced == (4, 3) and report.manifest.num_classes == 3
+    assert report.manifest.classifier_params == 12 * 3 + 3
+    data = f"npz:{_direction_npz(tmp_path / 'direction.npz')}"
+    run = tmp_path / "run"
+    train(TrainConfig(str(tmp_path / "art"), data, str(run), epochs=2, warmup_epochs=0, lr=0.05, backend=backend, threads=1))
+    with open(run / "metrics.csv") as f:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    result = CliRunner().invoke(main, ["eval", str(run / "model.onnx"), "--data", data])
+    assert result.exit_code == 0 and "top-1" in result.output and "on 60 test images" in result.output, result.output
+
+    trained = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(run / "model.onnx")).graph.initializer}
+    weights = {name: trained[name] for name in _paddle_weights(rng, 3)}
+    assert weights["fc_w"].shape == (12, 3) and not np.allclose(
+        weights["bn_scale"], _paddle_weights(np.random.default_rng(0), 4)["bn_scale"]
+    )
+    x = rng.standard_normal((4, 3, 48, 192)).astype(np.float32)
+    expected = inference_session(_paddle_classifier(weights)).run(None, {"x": x})[0]
+    actual = inference_session(run / "model.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(actual.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def _shape_constant(name: str, dims: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(dims, np.int64)))
+
+
+TAILS = {  # nodes after the MatMul + Add head (its output "a", 4 classes) up to the graph output "y"
+    "Identity-Cast-Reshape": [
+        helper.make_node("Identity", ["a"], ["t1"]),
+        helper.make_node("Cast", ["t1"], ["t2"], to=TensorProto.FLOAT),
+        _shape_constant("to_2d", [-1, 4]),
+        helper.make_node("Reshape", ["t2", "to_2d"], ["y"]),
+    ],
+    "Softmax-Cast-Reshape-Flatten": [
+        helper.make_node("Softmax", ["a"], ["t1"], axis=1),
+        helper.make_node("Cast", ["t1"], ["t2"], to=TensorProto.FLOAT),
+        _shape_constant("to_4d", [0, 4, 1, 1]),
+        helper.make_node("Reshape", ["t2", "to_4d"], ["t3"]),
+        helper.make_node("Flatten", ["t3"], ["y"]),
+    ],
+    "Reshape-LogSoftmax-Identity-Squeeze": [
+        _shape_constant("to_4d", [0, 4, 1, 1]),
+        helper.make_node("Reshape", ["a", "to_4d"], ["t1"]),
+        helper.make_node("LogSoftmax", ["t1"], ["t2"], axis=1),
+        helper.make_node("Identity", ["t2"], ["t3"]),
+        _shape_constant("axes", [2, 3]),
+        helper.make_node("Squeeze", ["t3", "axes"], ["y"]),
+    ],
+}
+
+
+def _small_classifier(rng, tail: list[onnx.NodeProto], extra_outputs=()) -> onnx.ModelProto:
+    """Conv 3->4 + Relu on 8x8, GlobalAveragePool, Flatten "f", MatMul + Add "a" [N, 4], then `tail` to "y";
+    `extra_outputs` (name, shape) are appended after "y" (the name "aux": a second Conv branch)."""
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((2, 3, 1, 1)).astype(np.float32), "w_aux"),
+        numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "fw"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "fb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "fw"], ["m"]),
+        helper.make_node("Add", ["m", "fb"], ["a"]),
+        *tail,
+    ]
+    if any(name == "aux" for name, _ in extra_outputs):
+        nodes.append(helper.make_node("Conv", ["x", "w_aux"], ["aux"], name="conv_aux"))
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in [("y", ["N", 4]), *extra_outputs]]
+    model = onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, inits)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("tail", list(TAILS))
+def test_head_and_output_activation_found_through_value_keeping_nodes(tail, tmp_path, rng):
+    """--num-classes 3 behind Identity / Cast / Reshape / Flatten / Squeeze (a Reshape to [.., 4, ..] follows
+    the new class count): the eval logits are the features (onnxruntime on the original model) times the new
+    head, and the inference model ends in the original activation over them."""
+    model = _small_classifier(rng, TAILS[tail])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = prepare(tmp_path / "m.onnx", tmp_path / "art", num_classes=3)
+    activation = next((op for op in tail.split("-") if op.endswith("Softmax")), None)
+    assert report.head_replaced == (4, 3) and report.manifest.num_classes == 3
+    assert (report.manifest.output_activation or {}).get("op") == activation
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    features = inference_session(_with_outputs(model, ["f"])).run(None, {"x": x})[0]
+    session = TrainingSession(tmp_path / "art")
+    expected = features @ session.parameter("fw") + session.parameter("fb")
+    assert session.parameter("fw").shape == (4, 3)
+    np.testing.assert_allclose(session.eval_logits(x), expected, rtol=1e-5, atol=1e-5)
+    session.export_inference(tmp_path / "inference.onnx")
+    exported = inference_session(tmp_path / "inference.onnx")
+    assert [o.name for o in exported.get_outputs()] == ["y"]
+    by_hand = {None: expected, "Softmax": _softmax(expected), "LogSoftmax": np.log(_softmax(expected))}[activation]
+    np.testing.assert_allclose(exported.run(None, {"x": x})[0], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_two_outputs_keep_the_first_when_it_holds_class_scores(tmp_path, rng):
+    """Class scores first, a feature map of another branch second: that branch goes (its Conv is no layer),
+    the summary says so, and the inference model gives the first output's values."""
+    model = _small_classifier(rng, TAILS["Softmax-Cast-Reshape-Flatten"], [("aux", ["N", 2, 8, 8])])
+    onnx.save(model, str(tmp_path / "two.onnx"))
+    report = prepare(tmp_path / "two.onnx", tmp_path / "art")
+    assert report.normalized.dropped_outputs == ["aux"] and [l.node for l in report.manifest.layers] == ["conv"]
+    assert any(line.startswith("outputs    dropped 'aux'") for line in report.normalized.lines())
+    session = TrainingSession(tmp_path / "art")
+    session.export_inference(tmp_path / "inference.onnx")
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    expected = inference_session(model).run(["y"], {"x": x})[0]
+    exported = inference_session(tmp_path / "inference.onnx")
+    assert [o.name for o in exported.get_outputs()] == ["y"]
+    np.testing.assert_allclose(exported.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_outputs_without_class_scores_first_are_one_line(tmp_path, rng):
+    """A feature map first, the class scores second: exit 2 and one line naming every output."""
+    from click.testing import CliRunner
+
+    from onnx_neq.cli import main
+
+    model = _small_classifier(rng, TAILS["Identity-Cast-Reshape"], [("aux", ["N", 2, 8, 8])])
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs[::-1])
+    onnx.save(model, str(tmp_path / "two.onnx"))
+    with pytest.raises(NeqError, match=r"2 outputs \('aux' \[N, 2, 8, 8\], 'y' \[N, 4\]\).*classifier's output first"):
+        prepare(tmp_path / "two.onnx", tmp_path / "art")
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "art")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("onnx-neq: error: the model has 2 outputs"), result.output
+    assert not (tmp_path / "art").exists()

@@ -4,8 +4,9 @@ Before:  logits = Gemm(features, W[K, F], b[K])         (or MatMul(features, W[F
                                                          or a 1x1 Conv head W[K, F, 1, 1], b[K])
 After:   the same op with W'[N, F(, 1, 1)], b'[N]       W', b' ~ U(-1/sqrt(F), 1/sqrt(F)), as torch.nn.Linear
 
-The head is the Gemm/MatMul that the first graph output is computed from, possibly through
-shape-only ops (Identity, Flatten, Reshape, Squeeze). Its initializers are replaced in place.
+The head is the Gemm/MatMul that the first graph output is computed from, possibly through ops
+that keep the values (Identity, Cast to the same type, Flatten, Reshape, Squeeze: `keeps_values`).
+Its initializers are replaced in place.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..conv_layers import find_head_conv
+from ..conv_layers import find_head_conv, keeps_values
 from ..errors import NeqError
-
-_PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze"}
 
 
 class ClassifierHeadPass(ir.passes.InPlacePass):
@@ -37,14 +36,14 @@ class ClassifierHeadPass(ir.passes.InPlacePass):
         _replace(weight, new_w.reshape(self.num_classes, features, *w.shape[2:]) if transposed else new_w.T.copy())
         _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
         first = node.inputs[_matmul_input(node)].producer() if node.op_type == "Add" else node  # MatMul + Add: from the MatMul on
-        _set_class_dim(first.outputs[0], self.num_classes)
+        _set_class_dim(first.outputs[0], old, self.num_classes)
         self.replaced = (old, self.num_classes)
         return ir.passes.PassResult(model, modified=True)
 
 
 def _head(graph: ir.Graph) -> ir.Node:
     value = graph.outputs[0]
-    while value.producer() is not None and value.producer().op_type in _PASS_THROUGH | {"Add"}:
+    while value.producer() is not None and (keeps_values(value.producer()) or value.producer().op_type == "Add"):
         node = value.producer()
         if node.op_type == "Add" and _matmul_input(node) is not None:
             return node
@@ -80,8 +79,9 @@ def _weight_and_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, bool]:
     return weight, bias, transposed
 
 
-def _set_class_dim(start: ir.Value, classes: int) -> None:
-    """The head's output and everything computed from it carry the class count in dim 1."""
+def _set_class_dim(start: ir.Value, old: int, classes: int) -> None:
+    """The head's output and everything computed from it carry the class count in dim 1 (a Reshape
+    to a constant shape naming the old count in dim 1 too)."""
     todo, seen = [start], set()
     while todo:
         value = todo.pop()
@@ -91,7 +91,18 @@ def _set_class_dim(start: ir.Value, classes: int) -> None:
         if value.shape is not None and value.shape.rank() >= 2:
             value.shape = ir.Shape([value.shape[0], classes, *value.shape[2:]])
         for consumer, _ in value.uses():
+            _retarget_reshape(consumer, old, classes)
             todo.extend(consumer.outputs)
+
+
+def _retarget_reshape(node: ir.Node, old: int, classes: int) -> None:
+    target = node.inputs[1] if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    if target is None or target.const_value is None or not target.is_initializer():
+        return
+    shape = target.const_value.numpy().copy()
+    if shape.ndim == 1 and shape.size >= 2 and shape[1] == old and len(target.uses()) == 1:
+        shape[1] = classes
+        _replace(target, shape)
 
 
 def _replace(value: ir.Value, array: np.ndarray) -> None:

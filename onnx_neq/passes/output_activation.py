@@ -1,17 +1,23 @@
 """OutputActivationPass: the loss takes logits, so a Softmax / LogSoftmax at the output goes.
 
-Before:  probs = Softmax <axis = a> (logits)      probs is the graph output
-         (or, after onnx's opset converter: probs = Reshape(Softmax(Flatten(x)), Shape(x)))
-After:   logits is the graph output; the removed op and axis are reported (the manifest keeps
-         them and the inference model gets the op back: `append_output_activation`)
+Before:  out = T(Softmax <axis = a> (logits))    out is the graph output; T is zero or more nodes that
+         keep the values (Identity, Cast to the same type, Reshape, Flatten, Squeeze: Paddle ends in
+         Softmax -> Identity; onnx's opset converter writes Reshape(Softmax(Flatten(x)), Shape(x)))
+After:   logits is the graph output, the activation and T are gone (with what only fed them, such as
+         a Reshape's Shape); the removed op, its axis and the output's name are reported (the manifest
+         keeps them and every inference model gets the op back: `append_output_activation`)
 """
 
 from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from ..conv_layers import keeps_values
 
 ACTIVATIONS = ("Softmax", "LogSoftmax")
+_SAME_SHAPE = ("Identity", "Cast")
 
 
 class OutputActivationPass(ir.passes.InPlacePass):
@@ -31,27 +37,28 @@ class OutputActivationPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         self.removed = {"op": activation.op_type, "axis": activation.attributes.get_int("axis", -1), "output": out.name}
         logits.type = logits.type or out.type
+        if logits.shape is None and all(node.op_type in _SAME_SHAPE for node in nodes[1:]):
+            logits.shape = out.shape
         graph.outputs[0] = logits
         for node in reversed(nodes):
             graph.remove(node, safe=True)
-        for node in list(graph):  # a Shape feeding only the removed Reshape
-            if node.op_type == "Shape" and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
-                graph.remove(node, safe=True)
+        RemoveUnusedNodesPass()(model)  # what only fed the removed nodes (a Reshape's Shape or shape constant)
         return ir.passes.PassResult(model, modified=True)
 
 
 def _activation_nodes(out: ir.Value) -> list[ir.Node]:
-    """[Softmax] or [Softmax, Reshape] (the version converter's Flatten-Softmax-Reshape)."""
+    """[activation, *T] in graph order, each value between them used once; [] where there is none."""
+    tail = []
     node = out.producer()
-    if node is not None and node.op_type in ACTIVATIONS:
-        return [node]
-    if node is not None and node.op_type == "Reshape":
-        inner = node.inputs[0].producer()
-        if inner is not None and inner.op_type in ACTIVATIONS and len(node.inputs[0].uses()) == 1:
-            flat = inner.inputs[0].producer()
-            if flat is not None and flat.op_type == "Flatten":
-                return [inner, node]
-    return []
+    while node is not None and keeps_values(node):
+        tail.append(node)
+        value = node.inputs[0]
+        if len(value.uses()) != 1 or value.is_graph_output():
+            return []
+        node = value.producer()
+    if node is None or node.op_type not in ACTIVATIONS or node.domain not in ("", "ai.onnx"):
+        return []
+    return [node, *reversed(tail)]
 
 
 def append_output_activation(model: onnx.ModelProto, removed: dict) -> onnx.ModelProto:
