@@ -2,7 +2,8 @@
 
 A method is a selector name, optionally with variant options: velocity[phi=flat,rank_cost=authors].
 Runs land in OUT/runs/<data>/<method>-<budget>-seed<seed>/; a finished run is skipped and an
-interrupted one resumed, so re-running the same command continues a long comparison.
+interrupted one resumed, so re-running the same command continues a long comparison. One compare
+writes to an OUT at a time (OUT/.lock); OUT/report/ is drawn next to it and renamed into place.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NeqError
+from .errors import NeqError, environment_error
 from .manifest import read_manifest
 from .report import write_report
 from .run_dir import RunDir
+from .run_lock import RunLock
 from .selector_registry import SELECTORS, method_label, parse_method
 from .selectors import SU_SCHEMES
 from .su_schemes import MOBILENET_V2_CONVS, scheme_params
@@ -90,8 +92,18 @@ def compare(
 ) -> dict[str, Path]:
     """Train every planned run not done yet, then write the report of those that finished. A run that
     stops with a NeqError (a setting that does not apply to it, e.g. no Sparse Update scheme fits a small
-    compute budget) is reported by a "failed" event and left out; the others still run."""
-    progress = progress or (lambda event, info: None)
+    compute budget) is reported by a "failed" event and left out; the others still run. One compare per
+    OUT at a time (an OS lock on OUT/.lock); the report replaces OUT/report whole (report.write_report)."""
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise environment_error(exc, "create", "choose another --out") from None
+    with RunLock(out):
+        return _compare(config, artifacts_for, progress or (lambda event, info: None))
+
+
+def _compare(config: CompareConfig, artifacts_for: Callable[[str], str], progress: Callable[[str, dict], None]) -> dict[str, Path]:
     runs = plan(config, artifacts_for)
     failed = set()
     for i, run in enumerate(runs):

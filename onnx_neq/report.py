@@ -9,8 +9,13 @@ per method x budget x backend; per-layer fraction of neurons updated per epoch.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -357,20 +362,93 @@ def _distinct(runs: list[RunSummary]) -> list[RunSummary]:
     return runs
 
 
+REPORT_INDEX = ".onnx-neq-report.json"  # the files a report wrote into its folder: all a later one may replace or remove
+REPORT_FILES = ("results.csv", "results.md", "accuracy.png", "accuracy-vs-step.png", "heatmap-*.png", "runs.json", REPORT_INDEX)
+
+
 def write_report(run_paths: list[str | Path], out: str | Path) -> dict[str, Path]:
-    """results.csv, results.md, accuracy.png, accuracy-vs-step.png and a heatmap per velocity run group into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """results.csv, results.md, accuracy.png, accuracy-vs-step.png and a heatmap per velocity run group into `out`.
+
+    Drawn in a staging folder first, so a failure leaves the previous report whole and a reader never sees
+    a half-written or mixed one. A folder holding nothing but report files is replaced whole (the staging
+    folder, next to it, renamed into place); a folder holding other files keeps them: each report file is
+    renamed into it, and the previous report's files (its REPORT_INDEX) that this one lacks are removed."""
+    given, out = Path(out), Path(os.path.abspath(out))
     runs = _distinct(_label_backends([summarize(p) for p in run_paths]))
-    files = {"csv": out / "results.csv", "markdown": out / "results.md"}
-    files["csv"].write_text(results_csv(runs))
-    files["markdown"].write_text(results_markdown(runs) + "\n")
-    files["accuracy"] = plot_accuracy(runs, out / "accuracy.png")
+    if out.exists() and not out.is_dir():
+        raise NeqError(f"{given} exists and is not a directory; choose another --out")
+    whole = not out.exists() or (out != Path.cwd() and not out.is_symlink() and _only_report_files(out))
+    (out.parent if whole else out).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent if whole else out))
+    try:
+        names = _draw(runs, staging)
+        if whole:
+            _replace_folder(staging, out)
+        else:
+            _replace_files(staging, out, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: given / name for key, name in names.items()}
+
+
+def _draw(runs: list[RunSummary], folder: Path) -> dict[str, str]:
+    """Every report file into `folder`; returns {key: file name} (runs.json and the index not among them)."""
+    names = {"csv": "results.csv", "markdown": "results.md", "accuracy": "accuracy.png"}
+    (folder / names["csv"]).write_text(results_csv(runs))
+    (folder / names["markdown"]).write_text(results_markdown(runs) + "\n")
+    plot_accuracy(runs, folder / names["accuracy"])
     if any(np.isfinite(r.step_ms) for r in runs):
-        files["accuracy vs step"] = plot_accuracy_vs_step(runs, out / "accuracy-vs-step.png")
+        names["accuracy vs step"] = plot_accuracy_vs_step(runs, folder / "accuracy-vs-step.png").name
     for r in runs:
         if r.method == "velocity" and r.seed == min(x.seed for x in runs):
             slug = f"{r.data}-{r.budget_label}".replace(":", "_").replace("/", "_").replace("@", "_").replace("%", "pct")
-            files[f"heatmap {slug}"] = plot_layer_heatmap(r, out / f"heatmap-{slug}.png")
-    (out / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))
-    return files
+            names[f"heatmap {slug}"] = plot_layer_heatmap(r, folder / f"heatmap-{slug}.png").name
+    (folder / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))
+    (folder / REPORT_INDEX).write_text(json.dumps(sorted([*names.values(), "runs.json", REPORT_INDEX])))
+    return names
+
+
+def _only_report_files(folder: Path) -> bool:
+    """True when every entry of `folder` is a file by a name a report writes: the folder is then ours to
+    replace whole."""
+    return all(p.is_file() and any(fnmatch.fnmatchcase(p.name, f) for f in REPORT_FILES) for p in folder.iterdir())
+
+
+def _previous_report(folder: Path) -> set[str]:
+    """The file names the index of the report in `folder` lists that a report writes (none without a readable index)."""
+    try:
+        listed = json.loads((folder / REPORT_INDEX).read_text()) if (folder / REPORT_INDEX).is_file() else []
+    except (OSError, ValueError):
+        return set()
+    names = listed if isinstance(listed, list) else []
+    return {n for n in names if isinstance(n, str) and any(fnmatch.fnmatchcase(n, f) for f in REPORT_FILES) and "/" not in n}
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """`staging` becomes `out`; the previous `out` (report files only) is moved aside, then removed."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_files(staging: Path, out: Path, names: dict[str, str]) -> None:
+    """Each new report file renamed into `out` (the index last), then the previous report's files this one
+    lacks removed; no other file of `out` is touched."""
+    previous = _previous_report(out)
+    written = [*names.values(), "runs.json", REPORT_INDEX]
+    blocked = [name for name in written if (out / name).exists() and not (out / name).is_file()]
+    if blocked:
+        raise NeqError(f"{out / blocked[0]} is in the way of the report and not a file; move it, or choose another --out")
+    for name in written:
+        os.replace(staging / name, out / name)
+    for name in sorted(previous - set(written)):
+        if (out / name).is_file():
+            (out / name).unlink()

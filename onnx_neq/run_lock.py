@@ -1,6 +1,7 @@
-"""An OS file lock on a run directory: one writer at a time, released on any exit (even SIGKILL).
+"""An OS file lock on a run directory (train) or a compare --out (compare): one writer at a time,
+released on any exit (even SIGKILL).
 
-RUN/.lock holds the pid of the holder (informational; the kernel lock is what counts).
+DIR/.lock holds the pid of the holder (informational; the kernel lock is what counts).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ LOCK_NAME = ".lock"
 
 
 class RunLock:
-    """`with RunLock(run_dir):` holds an exclusive, non-blocking lock on RUN/.lock."""
+    """`with RunLock(directory):` holds an exclusive, non-blocking lock on DIR/.lock."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from onnx_neq.compare import CompareConfig, compare
 from onnx_neq.report import write_report
 
@@ -118,3 +120,95 @@ def test_report_keeps_backends_apart_and_refuses_a_run_given_twice(tiny_artifact
     assert rows == {"random[backend=ort-training]": "ort-training", "random[backend=portable]": "portable"}
     with pytest.raises(NeqError, match="report each run once"):
         write_report([paths[0], paths[0]], tmp_path / "twice")
+
+
+# -- one compare per --out, and reports that are never half-written ------------------------------------
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _finished_compare(tiny_artifacts, out, methods) -> dict:
+    config = CompareConfig(
+        data=["digits@0-4"], out=str(out), methods=methods, budget_ratios=[0.3], seeds=[0],
+        train_options={"epochs": 1, "warmup_epochs": 0},
+    )  # fmt: skip
+    return compare(config, lambda data: str(tiny_artifacts))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_artifacts, tmp_path_factory):
+    """A finished compare of velocity and random (one seed, one epoch): its OUT and its two run directories."""
+    out = tmp_path_factory.mktemp("cmp") / "out"
+    _finished_compare(tiny_artifacts, out, ["velocity", "random"])
+    runs = out / "runs" / "digits_0-4"
+    return out, runs / "velocity-30.0pct-seed0", runs / "random-30.0pct-seed0"
+
+
+def test_a_second_compare_on_the_same_out_is_refused_while_the_first_runs(tiny_artifacts, tmp_path):
+    from click.testing import CliRunner
+
+    from onnx_neq.cli import main
+    from onnx_neq.run_lock import RunLock
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    args = ["compare", str(tiny_artifacts), "--data", "digits@0-4", "--methods", "random", "--budget-ratios", "0.3", "--seeds", "0"]
+    with RunLock(out):  # the first compare, as far as the second can tell
+        result = CliRunner().invoke(main, [*args, "--epochs", "1", "--warmup-epochs", "0", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "in use by another onnx-neq process" in lines[0] and str(out) in lines[0]
+    assert not (out / "runs").exists() and not (out / "report").exists()
+
+
+def test_a_report_failing_midway_leaves_the_previous_report_whole(tiny_artifacts, two_runs, tmp_path, monkeypatch):
+    import shutil
+
+    from onnx_neq import report
+
+    out = tmp_path / "out"
+    shutil.copytree(two_runs[0], out)
+    _finished_compare(tiny_artifacts, out, ["velocity"])  # every run done: only the report is drawn
+    before = _files(out / "report")
+    assert "heatmap-digits_0-4-30.0pct.png" in before
+
+    def broken(runs, path):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(report, "plot_accuracy_vs_step", broken)  # after results.csv and results.md are drawn
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        _finished_compare(tiny_artifacts, out, ["velocity", "random"])
+    assert _files(out / "report") == before
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "report", "runs"]  # no staging folder left behind
+    monkeypatch.undo()
+    files = _finished_compare(tiny_artifacts, out, ["random"])
+    assert len(list(csv.DictReader(open(files["csv"])))) == 1
+    assert "heatmap-digits_0-4-30.0pct.png" not in _files(out / "report")  # replaced whole: nothing of the old one mixed in
+
+
+def test_report_into_a_folder_of_the_users_keeps_their_files(two_runs, tmp_path, monkeypatch):
+    from onnx_neq import report
+
+    _, velocity, random = two_runs
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own notes")
+    (mine / "results.csv").write_text("an old report's table")
+    write_report([velocity], mine)
+    before = _files(mine)
+    assert "heatmap-digits_0-4-30.0pct.png" in before and before["notes.txt"] == b"my own notes"
+
+    monkeypatch.setattr(report, "plot_accuracy", lambda runs, path: (_ for _ in ()).throw(RuntimeError("no plot")))
+    with pytest.raises(RuntimeError, match="no plot"):
+        write_report([velocity, random], mine)
+    assert _files(mine) == before and sorted(p.name for p in mine.iterdir() if p.is_dir()) == []
+    monkeypatch.undo()
+
+    files = write_report([random], mine)
+    after = _files(mine)
+    assert after["notes.txt"] == b"my own notes"
+    assert [r["method"] for r in csv.DictReader(open(files["csv"]))] == ["random"]
+    assert "heatmap-digits_0-4-30.0pct.png" not in after  # the previous report's own file, removed
+    assert not [p for p in mine.iterdir() if p.is_dir()]
