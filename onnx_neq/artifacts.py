@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from .conv_layers import ConvLayer
-from .errors import NeqError
+from .errors import NeqError, first_line, is_runtime_error
 from .ort_runtime import artifacts_module, captured_native_stderr
 from .parameters import ParameterGroups
 from .passes.activation_rewrites import REWRITTEN_OPS
@@ -143,6 +143,10 @@ def _try_generate(model: onnx.ModelProto, groups: ParameterGroups, optim, direct
             )
         except RuntimeError as exc:
             return exc
+        except Exception as exc:  # onnx's shape inference on a model whose types do not fit its ops
+            if not is_runtime_error(exc) and not type(exc).__module__.startswith("onnx"):
+                raise
+            return RuntimeError(f"{exc.__class__.__name__}: {first_line(exc)}")
     return None
 
 

@@ -144,7 +144,7 @@ def export_inference(artifacts_dir, output, checkpoint, backend) -> None:
 def _classes(text: str | None) -> list[int] | None:
     from .data import parse_classes
 
-    return parse_classes(text) if text else None
+    return parse_classes(text) if text is not None else None
 
 
 def _choice(flag: str, choices, default: str | None, help: str):
@@ -362,6 +362,7 @@ def _start_lines(info: dict) -> list[str]:
         f"model     {info['artifacts']} (from {Path(info['source_model']).name}: {info['layers']} convs, {info['neurons']:,} neurons, {info['num_classes']} classes)",
         f"data      {info['data']}: {train_n:,} train / {val_n:,} val / {test_n:,} test images",
         f"budget    {b.describe()}, selector {info['selector']}, {info['epochs']} epochs",
+        f"backend   {info['backend']}",
     ]
     if info.get("resumed_at") is not None:
         lines.append(f"resuming  at epoch {info['resumed_at']}")

@@ -50,3 +50,14 @@ def user_error_in_chain(exc: BaseException) -> NeqError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def is_runtime_error(exc: BaseException) -> bool:
+    """True for the exceptions ONNX Runtime raises on a model or checkpoint it cannot load or run."""
+    return type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError)
+
+
+def first_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text (native errors put the reason last), shortened."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else exc.__class__.__name__)[:160]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import artifact_model
 from .errors import NeqError
 from .manifest import Layer, Manifest, read_manifest
 from .ort_runtime import onnxruntime, session_options
@@ -105,18 +106,8 @@ class GradientProbe:
 
         self.dir = Path(artifacts_dir)
         self.manifest: Manifest = read_manifest(self.dir)
-        name = self.manifest.files.get("portable_training_model")
-        if not name:
-            raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
-        path = self.dir / name
-        try:
-            model = onnx.load(str(path))
-        except FileNotFoundError:
-            raise NeqError(f"{path} does not exist; run `onnx-neq prepare` again") from None
-        except Exception as exc:
-            raise NeqError(
-                f"{path} is not a readable ONNX model ({str(exc).splitlines()[0][:100]}); run `onnx-neq prepare` again"
-            ) from None
+        path = artifact_model(self.dir, self.manifest, "portable_training_model")
+        model = onnx.load(str(path))
         index = _GraphIndex.of(model.graph)
         self.layers = [_layer_outputs(model.graph, index, layer) for layer in self.manifest.layers]
         _add_outputs(model.graph, [n for lo in self.layers for n in (lo.activation, lo.activation_grad)])

@@ -80,7 +80,16 @@ def inference_session(model, threads: int = 0):
     """An onnxruntime.InferenceSession for a ModelProto or a path, with ORT's chatter silenced."""
     ort = onnxruntime()
     source = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        from .errors import NeqError, first_line
+
+        raise NeqError(
+            f"ONNX Runtime cannot load the model ({first_line(exc)}); it is damaged or not a valid ONNX classifier, re-export it"
+        ) from None
 
 
 def session_options(threads: int = 0, memory_pattern: bool = False):

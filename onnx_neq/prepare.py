@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import onnx_ir as ir
 from . import artifacts
 from .conv_layers import ConvLayer, find_conv_layers
 from .errors import NeqError
-from .manifest import FILENAME, InputSpec, Layer, Manifest, write_manifest
+from .manifest import FILENAME, InputSpec, Layer, Manifest, read_manifest, write_manifest
 from .model_io import load_model
 from .normalize import NormalizeReport, convert_opset, normalize
 from .ort_runtime import artifacts_module
@@ -56,6 +57,7 @@ def prepare(
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
     artifacts_module()  # the gradient builder: a clear line up front where it is missing
     model_path, out_dir = Path(model_path), Path(out_dir)
+    check_replaceable(out_dir, model_path)
     normalized = NormalizeReport()
     proto = convert_opset(load_model(model_path), normalized)
     model = ir.serde.deserialize_model(proto)
@@ -75,7 +77,7 @@ def prepare(
     ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
     normalized.rewritten.update(rewrites.rewritten)
     proto = ir.serde.serialize_model(model)
-    staging = _staging_dir(out_dir)
+    staging = _staging_dir(out_dir, model_path)
     try:
         if weight_decay is None:
             weight_decay = 0.01 if optimizer == "adamw" else 0.0
@@ -92,10 +94,14 @@ def prepare(
             "seed": seed,
             "input_shape": input_shape,
         }
+        problem = manifest.problem()
+        if problem:
+            raise NeqError(f"{model_path}: {problem}; onnx-neq cannot fine-tune this model")
         write_manifest(manifest, staging)
-        _replace_dir(staging, out_dir)
+        _replace_dir(staging, out_dir, model_path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if (staging / STAGING_MARK).exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return PrepareReport(
         manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten), dropout.removed, head.replaced if head else None, normalized
     )
@@ -201,18 +207,82 @@ def layer_geometry(inferred: onnx.ModelProto, layers: list[ConvLayer]) -> dict[s
     return out
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NeqError(f"{out_dir} exists and is not a directory; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / FILENAME).exists():
-        raise NeqError(f"{out_dir} is not empty and holds no {FILENAME}; choose an empty or new -o directory")
+STAGING_MARK = ".onnx-neq-staging"  # in a staging folder until it is renamed into place: proof that it is ours
+
+
+def _staging_dir(out_dir: Path, model_path: Path) -> Path:
+    """A fresh staging folder beside `out_dir`, after checking that prepare may replace `out_dir` and
+    removing the staging folders that killed prepares left there."""
+    check_replaceable(out_dir, model_path)
+    _remove_stale_staging(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():
+        shutil.rmtree(staging) if (staging / STAGING_MARK).exists() else _refuse(staging, "is in the way and not ours")
     staging.mkdir(parents=True)
+    (staging / STAGING_MARK).touch()
     return staging
 
 
-def _replace_dir(staging: Path, out_dir: Path) -> None:
+def check_replaceable(out_dir: Path, model_path: Path) -> None:
+    """NeqError unless `out_dir` is new, empty, or artifacts that prepare wrote (a valid manifest and
+    nothing but the files it lists); never the working folder, one above it, or one holding the model."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        _refuse(out_dir, "exists and is not a directory")
+    resolved = out_dir.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        _refuse(out_dir, "is the working folder (or holds it)")
+    if Path(model_path).resolve().is_relative_to(resolved):
+        _refuse(out_dir, f"holds the input model {model_path}")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        foreign = _foreign_entries(out_dir)
+        if foreign:
+            _refuse(out_dir, f"holds files that onnx-neq did not write ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''})")
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Entries of `directory` that are not files of the artifacts its manifest describes (all of them
+    when it has no valid onnx-neq manifest)."""
+    entries = sorted(p.name for p in directory.iterdir())
+    try:
+        ours = {FILENAME, *read_manifest(directory).files.values()}
+    except NeqError:
+        return entries
+    return [name for name in entries if name not in ours or (directory / name).is_symlink() or not (directory / name).is_file()]
+
+
+def _refuse(out_dir: Path, why: str) -> None:
+    raise NeqError(f"-o {out_dir} {why}; prepare replaces only artifacts it wrote: choose a new or empty -o directory")
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of prepares that were killed (their process is gone) and that carry our mark."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = re.fullmatch(r"(\d+)(-old)?", path.name[len(f".{out_dir.name}.partial-") :])
+        if pid and not _alive(int(pid[1])) and (path / STAGING_MARK).is_file() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _replace_dir(staging: Path, out_dir: Path, model_path: Path) -> None:
+    """Rename the staging folder into place; an existing out_dir is checked again and moved aside first,
+    so a failure at any moment leaves either the old artifacts or the new ones."""
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        check_replaceable(out_dir, model_path)
+    (staging / STAGING_MARK).unlink()
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-old"
+    out_dir.rename(old)
+    (old / STAGING_MARK).touch()
     staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ is recorded with its sha256, so a corrupted or missing newest checkpoint falls b
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -31,6 +32,7 @@ import numpy as np
 
 from .errors import NeqError
 from .run_lock import LOCK_NAME
+from .typed_json import build, read_json
 
 METRICS = [
     "epoch",
@@ -136,6 +138,30 @@ class RunDir:
             d.mkdir(parents=True, exist_ok=True)
         self.write_settings(settings)
         atomic_write_bytes(self.path / "metrics.csv", (",".join(METRICS) + "\n").encode())
+
+    def committed(self) -> bool:
+        """True once an epoch has been committed (run_state.json written)."""
+        return (self.state_dir / "run_state.json").exists()
+
+    def discard(self) -> None:
+        """Remove what create() and an uncommitted epoch wrote, and nothing else: a run that failed before
+        its first epoch leaves nothing that blocks the same --out."""
+        patterns = {self.path: ("settings.json", "metrics.csv", ".*.tmp"), self.masks: ("epoch_*.npz", ".*.tmp")}
+        patterns.update({self.velocity: ("epoch_*.npz", ".*.tmp"), self.state_dir: ("epoch_*.ckpt", "velocity_*.npz", ".*.tmp")})
+        for folder, globs in patterns.items():
+            for pattern in globs:
+                for file in folder.glob(pattern):
+                    _remove(file)
+        for folder in (self.masks, self.velocity, self.state_dir):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+    def remove_if_unused(self) -> None:
+        """Remove the run folder when it holds nothing but its lock file (the run never started)."""
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.path.iterdir()} <= {LOCK_NAME}:
+                _remove(self.path / LOCK_NAME)
+                self.path.rmdir()
 
     def write_settings(self, settings: dict) -> None:
         atomic_write_bytes(self.path / "settings.json", json.dumps(settings, indent=1).encode())
@@ -244,12 +270,12 @@ class RunDir:
         path = self.state_dir / "run_state.json"
         if not path.exists():
             return RunState()
-        data = _read_json(path)
-        try:
-            data["checkpoints"] = [CheckpointRecord(**r) for r in data.get("checkpoints", [])]
-            return RunState(**data)
-        except TypeError:
-            raise NeqError(f"{path} was not written by this version of onnx-neq; start a new run with another --out") from None
+        state = build(RunState, _read_json(path), str(path), "start a new run with another --out")
+        for record in state.checkpoints:
+            for rel in (record.file, record.velocity):
+                if not (self.path / rel).resolve().is_relative_to(self.state_dir.resolve()):
+                    raise NeqError(f"{path} names {rel!r}, outside {self.state_dir}; start a new run with another --out")
+        return state
 
     def resume_point(self, check: Callable[[Path], str | None]) -> tuple[RunState, dict[str, np.ndarray], list[str]]:
         """The newest committed epoch whose checkpoint and velocity buffers are intact, (state, velocity
@@ -299,7 +325,4 @@ def best_upto(rows: list[dict], epoch: int) -> tuple[int, float]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NeqError(f"{path} is corrupted ({exc.__class__.__name__}: {str(exc)[:120]}); the run cannot continue from it") from None
+    return read_json(path, "the run cannot continue from it: start a new run with another --out")

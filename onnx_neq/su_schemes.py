@@ -16,6 +16,7 @@ from .manifest import Manifest
 from .selectors import SU_SCHEMES
 
 MOBILENET_V2_CONVS = 52
+MAX_SCHEME_BYTES = 1 << 20  # a scheme names at most a few thousand layers
 
 
 def scheme_params(scheme: dict[int, float], manifest: Manifest) -> int:
@@ -49,9 +50,13 @@ def check_builtin_schemes(manifest: Manifest, what: str = "the built-in Sparse U
 def _from_file(path: Path, manifest: Manifest) -> dict[int, float]:
     if not path.exists():
         raise NeqError(f"--su-scheme {path}: no such file (or give a built-in scheme 1-5)")
-    text = path.read_text()
+    if not path.is_file() or path.stat().st_size > MAX_SCHEME_BYTES:
+        raise NeqError(f"--su-scheme {path} is not a regular file of at most {MAX_SCHEME_BYTES >> 20} MiB")
     try:
+        text = path.read_bytes().decode("utf-8")
         data = json.loads(text) if path.suffix == ".json" else _yaml(text)
+    except NeqError:
+        raise
     except Exception as exc:
         raise NeqError(
             f'--su-scheme {path} cannot be parsed ({exc.__class__.__name__}); expected {{"layers": {{index or name: ratio}}}}'
@@ -62,11 +67,13 @@ def _from_file(path: Path, manifest: Manifest) -> dict[int, float]:
     names = {layer.name: i for i, layer in enumerate(manifest.layers)}
     scheme = {}
     for key, ratio in layers.items():
-        index = int(key) if str(key).isdigit() else names.get(str(key))
+        index = int(key) if str(key).isdecimal() and len(str(key)) < 10 else names.get(str(key))
         if index is None or not 0 <= index < len(manifest.layers):
-            raise NeqError(f"--su-scheme {path}: no conv {key!r} in this model (indices 0-{len(manifest.layers) - 1} or layer names)")
-        if not 0 <= float(ratio) <= 1:
-            raise NeqError(f"--su-scheme {path}: ratio {ratio} for {key!r} must lie in [0, 1]")
+            raise NeqError(
+                f"--su-scheme {path}: no conv {str(key)[:60]!r} in this model (indices 0-{len(manifest.layers) - 1} or layer names)"
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise NeqError(f"--su-scheme {path}: the ratio for {str(key)[:60]!r} is {str(ratio)[:40]!r}; it must be a number in [0, 1]")
         scheme[index] = float(ratio)
     return scheme
 

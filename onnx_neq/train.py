@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import default_backend, open_backend, read_parameters
+from .backends.base import BACKENDS, default_backend, open_backend, read_parameters
 from .budget import AMOUNT_OPTIONS, Budget, requested_amount, resolve_budget
 from .cost_model import KINDS as COST_KINDS
 from .cost_model import CostModel, cost_model
@@ -34,11 +34,14 @@ from .schedule import learning_rate
 from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, RANK_COSTS, SELECTORS, WEIGHT_NORMS, SelectionInputs
 from .selectors import SU_SCHEMES, select_su, split_by_layer
 from .su_schemes import check_builtin_schemes, load_su_scheme
+from .typed_json import build
 from .velocity import PHI_MODES, VelocityState, layer_phi
 
 log = logging.getLogger(__name__)
 
 GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the velocity buffers
+MAX_COUNT = 1 << 31  # no count of a run (epochs, batch, seed, images) comes near this
+RECURRENCES = ("code", "textbook")
 
 
 @dataclass
@@ -79,28 +82,61 @@ class TrainConfig:
     gradnorm_pool: int = 0  # gradnorm draws only from this many layers of largest gradient norm per parameter (0: all)
 
     def validate(self) -> None:
-        if self.selector not in SELECTORS:
-            raise NeqError(f"--selector must be one of {', '.join(SELECTORS)}, not {self.selector!r}")
-        if self.init is not None and self.init not in FIRST_EPOCH_RULES:
-            raise NeqError(f"--init must be one of {', '.join(FIRST_EPOCH_RULES)}, not {self.init!r}")
+        """Every setting in range, new or read back from a run's settings.json (both are untrusted):
+        NeqError naming the flag. Options that only some backends honour select such a backend."""
+        self._validate_choices()
+        self._validate_counts()
+        self._validate_numbers()
         self._validate_cost()
-        for flag, value, choices in (("--phi", self.phi, PHI_MODES), ("--rank-cost", self.rank_cost, RANK_COSTS)):
-            if value not in choices:
-                raise NeqError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
-        if self.probe_batches < 1 or self.gradnorm_pool < 0:
-            raise NeqError("--probe-batches must be at least 1 and --gradnorm-pool at least 0")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise NeqError("--epochs must be >= 1 and --batch-size >= 2")
+        self._validate_backend()
+
+    def _validate_choices(self) -> None:
+        choices = (
+            ("--selector", self.selector, SELECTORS),
+            ("--phi", self.phi, PHI_MODES),
+            ("--rank-cost", self.rank_cost, RANK_COSTS),
+            ("--recurrence", self.recurrence, RECURRENCES),
+            ("--backend", self.backend, (None, *BACKENDS)),
+            ("--bn-update", self.bn_update, (None, "always", "selected")),
+            ("--init", self.init, (None, *FIRST_EPOCH_RULES)),
+        )
+        for flag, value, allowed in choices:
+            if value not in allowed:
+                raise NeqError(f"{flag} must be one of {', '.join(c for c in allowed if c)}, not {value!r}")
+        if self.classes is not None and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2 or min(self.classes) < 0):
+            raise NeqError(f"--classes must name at least two different classes, not {self.classes}")
+
+    def _validate_counts(self) -> None:
+        minimums = {"epochs": 1, "batch_size": 2, "warmup_epochs": 0, "seed": 0, "velocity_images": 1, "threads": 0}
+        minimums.update(eval_batch_size=1, probe_batches=1, gradnorm_pool=0, budget=0, train_limit=2)
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is not None and not minimum <= value <= MAX_COUNT:
+                raise NeqError(f"--{name.replace('_', '-')} must be an integer from {minimum} to {MAX_COUNT:,}, not {value}")
+
+    def _validate_numbers(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise NeqError(f"--lr must be a finite number above 0, not {self.lr}")
-        if self.bn_update not in ("always", "selected"):
-            raise NeqError(f"--bn-update must be always or selected, not {self.bn_update!r}")
-        if self.bn_update == "selected" and self.backend not in (None, "specialized"):
-            raise NeqError("--bn-update selected needs --backend specialized (the masked backends always train BatchNorm)")
-        if not 0 < self.val_fraction < 1:
+        if not (math.isfinite(self.mu) and 0 <= self.mu <= 1):
+            raise NeqError(f"--mu must be a number from 0 to 1, not {self.mu}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise NeqError(f"--eps must be a finite number of at least 0, not {self.eps}")
+        if self.budget_ratio is not None and not (math.isfinite(self.budget_ratio) and self.budget_ratio > 0):
+            raise NeqError(f"--budget-ratio must be a finite number above 0, not {self.budget_ratio}")
+        if not (math.isfinite(self.val_fraction) and 0 < self.val_fraction < 1):
             raise NeqError("the validation fraction must lie strictly between 0 and 1")
-        if self.velocity_images < 1:
-            raise NeqError("--velocity-images must be at least 1")
+
+    def _validate_backend(self) -> None:
+        """--bn-update selected needs the specialised backend and --memory-pattern a portable one: given
+        without --backend they select it; with a backend that ignores them they are refused."""
+        wants = {"--bn-update selected": ("specialized",)} if self.bn_update == "selected" else {}
+        wants.update({"--memory-pattern": ("portable", "specialized")} if self.memory_pattern else {})
+        for flag, backends in wants.items():
+            if self.backend is None:
+                self.backend = backends[0]
+            elif self.backend not in backends:
+                raise NeqError(f"{flag} needs --backend {' or '.join(backends)}; --backend {self.backend} ignores it")
+        self.bn_update = self.bn_update or "always"
 
     def _validate_cost(self) -> None:
         """--cost and the budget options agree on one unit; compute and memory imply --bn-update selected
@@ -119,7 +155,6 @@ class TrainConfig:
             if self.backend not in (None, "specialized"):
                 raise NeqError(f"--cost {kind} needs --backend specialized: the masked backends compute the whole backward pass")
             self.bn_update, self.backend = "selected", "specialized"
-        self.bn_update = self.bn_update or "always"
 
     @property
     def cost_kind(self) -> str:
@@ -168,7 +203,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
             return _guarded(run, lambda: _resume(run, config, overrides or {}, progress))
     config.validate()
     config.artifacts = str(Path(config.artifacts).resolve())
-    config.backend = config.backend or default_backend()
+    config.backend = config.backend or default_backend(config.artifacts)
     manifest = read_manifest(config.artifacts)
     dataset = load_run_dataset(config, manifest)
     head_note = []
@@ -179,33 +214,49 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     models, su_mask, budget = _budget(config, manifest)
     if not run.exists():
         run.check_new()  # before creating anything; an existing run is reported after the lock (it may be in use)
+    created = not run.path.exists()
     _make_dir(run.path)
-    with RunLock(run.path):
-        run.check_new()  # another process may have started a run here meanwhile
-        settings = _settings(config, manifest, data, budget)
-        return _guarded(run, lambda: _start(run, settings, config, manifest, data, models, budget, su_mask, progress, head_note))
+    try:
+        with RunLock(run.path):
+            run.check_new()  # another process may have started a run here meanwhile
+            settings = _settings(config, manifest, data, budget)
+            return _guarded(run, lambda: _start(run, settings, config, manifest, data, models, budget, su_mask, progress, head_note))
+    finally:
+        if created:
+            run.remove_if_unused()
 
 
 def _start(run, settings, config, manifest, data, models, budget, su_mask, progress, notes: list[str]) -> TrainResult:
+    """A new run: the backend opens before anything is written, and a run that fails before it commits
+    its first epoch (bad artifacts, a divergence in epoch 0) leaves nothing that blocks the same --out."""
+    session = open_backend(config.backend, config.artifacts, None, threads=config.threads, **_backend_options(config))
     run.create(settings)
     progress("start", _start_info(config, manifest, data, budget, notes))
-    session = open_backend(config.backend, config.artifacts, None, threads=config.threads, **_backend_options(config))
-    return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(RunState(), {})
+    try:
+        return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(RunState(), {})
+    except Exception:
+        if not run.committed():
+            run.discard()
+        raise
 
 
 def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress) -> TrainResult:
+    """Continue the run in `run` with its stored settings, checked as strictly as new ones; nothing is
+    written to the run until every check has passed."""
     settings = run.settings()
     config = _stored_config(run, settings)
-    config.backend = config.backend or "ort-training"  # runs from before the portable backend
-    notes = _apply_overrides(run, settings, config, overrides)
+    notes = _apply_overrides(run, config, overrides)
+    config.validate()
     manifest = read_manifest(config.artifacts)
     _check_fingerprint(run, settings, config)
     data = _load_data(config, manifest)
     models, su_mask, budget = _budget(config, manifest)
     state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
-    progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     checkpoint = run.path / state.checkpoint if state.checkpoint else None
     session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads, **_backend_options(config))
+    if config.epochs != settings["config"]["epochs"]:
+        run.write_settings({**settings, "config": asdict(config)})
+    progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(state, arrays)
 
 
@@ -266,6 +317,7 @@ def _start_info(config, manifest: Manifest, data: _Data, budget: Budget, notes: 
         "sizes": (len(data.train), len(data.val), len(data.test)),
         "budget": budget,
         "selector": config.selector,
+        "backend": config.backend,
         "epochs": config.epochs,
         "notes": notes + budget.warnings,
         "resumed_at": resumed_at,
@@ -277,15 +329,17 @@ RESUMABLE_CHANGES = {"epochs", "threads", "memory_pattern"}
 
 
 def _stored_config(run: RunDir, settings: dict) -> TrainConfig:
-    try:
-        return TrainConfig(**settings["config"])
-    except (KeyError, TypeError):
-        raise NeqError(
-            f"{run.path / 'settings.json'} does not hold the settings of an onnx-neq run; start a new run with another --out"
-        ) from None
+    """The run's TrainConfig from its settings.json, every field's type checked (ranges: validate())."""
+    where, fix = run.path / "settings.json", "start a new run with another --out"
+    if not isinstance(settings, dict) or not isinstance(settings.get("artifacts", {}), dict):
+        raise NeqError(f"{where} does not hold the settings of an onnx-neq run; {fix}")
+    config = build(TrainConfig, settings.get("config"), str(where), fix, root="config")
+    config.out = str(run.path)
+    config.backend = config.backend or "ort-training"  # runs from before the portable backend
+    return config
 
 
-def _apply_overrides(run: RunDir, settings: dict, config: TrainConfig, overrides: dict) -> list[str]:
+def _apply_overrides(run: RunDir, config: TrainConfig, overrides: dict) -> list[str]:
     """--epochs extends (or shortens) the schedule explicitly; any other changed option is refused."""
     changed = {k: v for k, v in overrides.items() if k in asdict(config) and _differs(getattr(config, k), v)}
     refused = sorted(set(changed) - RESUMABLE_CHANGES)
@@ -303,8 +357,6 @@ def _apply_overrides(run: RunDir, settings: dict, config: TrainConfig, overrides
             f"schedule changed from {config.epochs} to {changed['epochs']} epochs: the learning rate of epochs {done} on follows the new length"
         )
         config.epochs = changed["epochs"]
-        settings["config"] = asdict(config)
-        run.write_settings(settings)
     config.threads = overrides.get("threads", config.threads)
     config.memory_pattern = overrides.get("memory_pattern", config.memory_pattern)
     return notes
@@ -317,11 +369,18 @@ def _differs(stored, given) -> bool:
 
 
 def _check_fingerprint(run: RunDir, settings: dict, config: TrainConfig) -> None:
-    recorded = settings.get("artifacts", {}).get("fingerprint")
-    if recorded and artifacts_fingerprint(config.artifacts) != recorded:
+    """The artifact files the run read when it started (settings' artifacts.files: the manifest and what its
+    backend reads; runs from before that list: every file of the manifest) must be there, unchanged."""
+    recorded = settings.get("artifacts") if isinstance(settings.get("artifacts"), dict) else {}
+    fingerprint, files = recorded.get("fingerprint"), recorded.get("files")
+    if not fingerprint:
+        return
+    if files is not None and not (isinstance(files, list) and "manifest.json" in files and all(isinstance(n, str) for n in files)):
+        raise NeqError(f"{run.path / 'settings.json'} lists the artifacts' files wrongly; start a new run with another --out")
+    if artifacts_fingerprint(config.artifacts, files) != fingerprint:
         raise NeqError(
-            f"the artifacts {config.artifacts} changed since {run.path} started (prepared again?); --resume needs the artifacts the run "
-            f"started with: start a new run with another --out"
+            f"the artifacts {config.artifacts} changed since {run.path} started (prepared again, or a file the run reads replaced"
+            f"{': ' + ', '.join(files) if files else ''}); --resume needs the artifacts the run started with: start a new run with another --out"
         )
 
 
@@ -396,10 +455,16 @@ def initial_parameters(artifacts: str | Path, manifest: Manifest, names: list[st
 
 
 def _settings(config: TrainConfig, manifest: Manifest, data: _Data, budget: Budget) -> dict:
+    """The run's settings; reads every artifact file the run needs (its fingerprint), so one that is missing
+    or unreadable stops the run here, before its first epoch."""
+    from .manifest import files_needed
+
+    probe = ("portable_training_model",) if set(SELECTORS[config.selector].needs) & {GRADIENT_NORMS, FISHER} else ()
+    files = files_needed(manifest, config.backend, probe)
     return {
         "config": asdict(config),
         "budget": asdict(budget),
-        "artifacts": {"path": config.artifacts, "fingerprint": artifacts_fingerprint(config.artifacts)},
+        "artifacts": {"path": config.artifacts, "files": files, "fingerprint": artifacts_fingerprint(config.artifacts, files)},
         "model": {"source": manifest.source_model, "neurons": manifest.neurons, "selectable_params": manifest.selectable_params},
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test), "classes": data.num_classes},
         "onnx_neq_version": __import__("onnx_neq").__version__,

@@ -106,7 +106,7 @@ def test_every_untrainable_op_is_named(tmp_path):
 def test_prepare_refuses_to_overwrite_a_foreign_directory(tiny_onnx, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    _assert_one_line_error(_run("prepare", str(tiny_onnx[0]), "-o", str(tmp_path / "mine")), "not empty")
+    _assert_one_line_error(_run("prepare", str(tiny_onnx[0]), "-o", str(tmp_path / "mine")), "did not write", "thesis.tex")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import NeqError
+from ..errors import NeqError, first_line, is_runtime_error
 from ..manifest import Manifest
 
 
@@ -67,12 +67,21 @@ def training_kernels_available() -> bool:
         return False
 
 
-def default_backend() -> str:
-    return "ort-training" if training_kernels_available() else "portable"
+def default_backend(artifacts_dir: str | Path | None = None) -> str:
+    """ort-training where onnxruntime-training is installed and the artifacts hold its files (a board copy
+    holds only the portable ones), else portable."""
+    if not training_kernels_available():
+        return "portable"
+    if artifacts_dir is None:
+        return "ort-training"
+    from ..manifest import BACKEND_FILES, read_manifest
+
+    files = read_manifest(artifacts_dir).files
+    return "ort-training" if all((Path(artifacts_dir) / files.get(k, k)).is_file() for k in BACKEND_FILES["ort-training"]) else "portable"
 
 
-def backend_class(name: str | None):
-    name = name or default_backend()
+def backend_class(name: str | None, artifacts_dir: str | Path | None = None):
+    name = name or default_backend(artifacts_dir)
     spec = BACKENDS.get(name)
     if spec is None:
         raise NeqError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
@@ -82,8 +91,33 @@ def backend_class(name: str | None):
 
 
 def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, **options) -> Backend:
-    """`options`: backend-specific settings (bn_update for "specialized")."""
-    return backend_class(name)(artifacts_dir, checkpoint, threads=threads, **options)
+    """`options`: backend-specific settings (bn_update for "specialized"). Artifacts are untrusted: a file
+    that ONNX Runtime refuses to load is one NeqError naming the folder, never a crash."""
+    cls = backend_class(name, artifacts_dir)
+    try:
+        return cls(artifacts_dir, checkpoint, threads=threads, **options)
+    except (NeqError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        if not is_runtime_error(exc):
+            raise
+        what = f"the checkpoint {checkpoint}" if checkpoint else f"the artifacts in {artifacts_dir}"
+        raise NeqError(
+            f"ONNX Runtime cannot load {what} ({first_line(exc)}); they are damaged or not onnx-neq's: re-run `onnx-neq prepare`"
+        ) from None
+
+
+def artifact_model(directory: str | Path, manifest: Manifest, key: str) -> Path:
+    """The ONNX file `key` of an artifacts folder, checked before ONNX Runtime opens it: inside the folder
+    (links included), every tensor holding the bytes it declares, external weights inside the folder."""
+    from ..manifest import artifact_path
+    from ..model_io import check_model_file
+
+    if key not in manifest.files:
+        raise NeqError(f"{directory}: the manifest names no {key} file; re-run `onnx-neq prepare`")
+    path = artifact_path(directory, manifest.files[key])
+    check_model_file(path, Path(directory), "re-run `onnx-neq prepare`")
+    return path
 
 
 def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, read_manifest
+from ..manifest import Manifest, artifact_path, read_manifest
 from ..ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
-from .base import checked_masks, updated_running_statistics
+from .base import artifact_model, checked_masks, updated_running_statistics
 
 
 class TrainingSession:
@@ -23,7 +23,8 @@ class TrainingSession:
         self.dir = Path(artifacts_dir)
         self.manifest: Manifest = read_manifest(self.dir)
         api = training_api()
-        files = {k: self.dir / v for k, v in self.manifest.files.items()}
+        files = {k: artifact_model(self.dir, self.manifest, k) for k in ("training_model", "eval_model", "optimizer_model")}
+        files["checkpoint"] = artifact_path(self.dir, self.manifest.files.get("checkpoint", "checkpoint"))
         with captured_native_stderr():
             self.state = api.CheckpointState.load_checkpoint(os.fspath(checkpoint or files["checkpoint"]))
             self.module = api.Module(files["training_model"], self.state, files["eval_model"], session_options=session_options(threads))

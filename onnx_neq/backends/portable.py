@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NeqError
-from ..manifest import Manifest, read_manifest
+from ..manifest import Manifest, artifact_path, read_manifest
 from ..ort_runtime import onnxruntime, session_options
-from .base import checked_masks, updated_running_statistics
+from .base import artifact_model, checked_masks, updated_running_statistics
 from .host_optim import optimizer_for_manifest
 
 OPTIMIZER_PREFIX = "optimizer/"
@@ -35,9 +35,9 @@ class PortableBackend:
             raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
         self.options = session_options(threads, memory_pattern)
         self.eval_session = onnxruntime().InferenceSession(
-            str(self.dir / files["eval_model"]), self.options, providers=["CPUExecutionProvider"]
+            str(artifact_model(self.dir, self.manifest, "eval_model")), self.options, providers=["CPUExecutionProvider"]
         )
-        stored = _load_npz(checkpoint or self.dir / files["parameters"])
+        stored = _load_npz(checkpoint or artifact_path(self.dir, files["parameters"]))
         self.params = {k: np.ascontiguousarray(v, dtype=v.dtype) for k, v in stored.items() if not k.startswith(OPTIMIZER_PREFIX)}
         self.optimizer = optimizer_for_manifest(self.manifest)
         if checkpoint is not None:
@@ -60,7 +60,7 @@ class PortableBackend:
 
     def _prepare_training(self) -> None:
         """The masked training graph, its parameters bound in place and its gradients into preallocated buffers."""
-        path = self.dir / self.manifest.files["portable_training_model"]
+        path = artifact_model(self.dir, self.manifest, "portable_training_model")
         self.train_session = onnxruntime().InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
         outputs = [o.name for o in self.train_session.get_outputs()]
         self.grad_names = [name for name in outputs if name.endswith("_grad")]
@@ -78,11 +78,26 @@ class PortableBackend:
         self.train_inputs = {i.name for i in self.train_session.get_inputs()}
 
     def _bind_parameters(self, session):
+        self._check_parameters(session)
         binding = session.io_binding()
         for arg in session.get_inputs():
             if arg.name in self._values:
                 binding.bind_ortvalue_input(arg.name, self._values[arg.name])
         return binding
+
+    def _check_parameters(self, session) -> None:
+        """Every parameter input of `session` has an array of its declared dtype and shape (parameters.npz
+        and checkpoints are files someone may hand us): one NeqError before ONNX Runtime runs anything."""
+        fed = {self.manifest.input.name, self.manifest.label_input, *(layer.mask_input for layer in self.manifest.layers)}
+        for arg in session.get_inputs():
+            if arg.name in fed or arg.name.endswith(CHANNELS_SUFFIX):
+                continue
+            array = self.params.get(arg.name)
+            problem = "is missing" if array is None else _mismatch(array, arg)
+            if problem:
+                raise NeqError(
+                    f"{self.dir}: parameter {arg.name!r} {problem}; the parameters do not belong to this model, re-run `onnx-neq prepare`"
+                )
 
     # masks -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
@@ -145,7 +160,7 @@ class PortableBackend:
     def backward_macs(self) -> int:
         from .specialize import full_backward_macs
 
-        return full_backward_macs(self.dir, self.manifest)
+        return full_backward_macs(self.dir, self.manifest, "portable_training_model")
 
     # parameters --------------------------------------------------------------------------
     def parameter(self, name: str) -> np.ndarray:
@@ -176,7 +191,7 @@ class PortableBackend:
 
         from ..inference import inference_from_eval
 
-        model = inference_from_eval(onnx.load(str(self.dir / self.manifest.files["eval_model"])), self.params, self.manifest)
+        model = inference_from_eval(onnx.load(str(artifact_model(self.dir, self.manifest, "eval_model"))), self.params, self.manifest)
         onnx.save(model, str(path))
 
 
@@ -188,6 +203,23 @@ def _load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise NeqError(f"{path} does not exist") from None
     except Exception as exc:
         raise NeqError(f"{path} is not a readable parameter file ({str(exc).splitlines()[0][:100]})") from None
+
+
+CHANNELS_SUFFIX = ".neq_channels"  # the specialised graphs' channel-index inputs, fed per selection
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _mismatch(array: np.ndarray, arg) -> str | None:
+    """How `array` differs from what the graph input `arg` declares (dtype, rank, static dims), or None."""
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None or array.dtype != dtype:
+        return f"has dtype {array.dtype}, the model wants {arg.type}"
+    shape = arg.shape or []
+    if not shape and array.size == 1:  # a scalar constant stored as [1]: onnxruntime takes it
+        return None
+    if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
+        return f"has shape {list(array.shape)}, the model wants {shape}"
+    return None
 
 
 def _f32(x: np.ndarray) -> np.ndarray:

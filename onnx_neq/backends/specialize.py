@@ -23,6 +23,11 @@ Once the unneeded gradient outputs are gone, dead-node elimination stops the bac
 conv that still needs a gradient (its ConvGrad computes no dX). One specialised graph serves every
 selection with the same states; `layer_states` gives the states of a set of masks and `channel_inputs`
 the index feeds.
+
+`training_graph_from_portable` rebuilds that ORT training graph from portable_training_model.onnx (each
+conv's lowered ConvGrad nodes raised back to one ConvGrad, accumulators around the gradient outputs), so
+the portable backends specialise from the files a board holds; specialising it equals specialising ORT's
+training_model.onnx (tests/test_board_files.py).
 """
 
 from __future__ import annotations
@@ -275,7 +280,8 @@ def _accumulators(graph: onnx.GraphProto) -> dict[str, tuple[int, onnx.NodeProto
 def _bn_params(graph: onnx.GraphProto, manifest, producers) -> dict[str, tuple[str, str]]:
     """layer -> (BN scale, BN bias) of the BatchNorm that consumes the layer's conv output, when both are
     always-trained parameters: a training-mode BatchNormInternal (inputs 1, 2), or BatchNormAffinePass's
-    Sub(conv, mean4d) -> Mul(., Reshape(Div(scale, std))) -> Add(., Reshape(bias))."""
+    Sub(conv, mean4d) -> Mul(., Reshape(Div(scale, std))) -> Add(., Reshape(bias)); else the manifest's
+    `bn` of the layer (in a graph from the portable model, BatchNormInternal is lowered)."""
     trained = set(manifest.always_trained)
     consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
     for node in graph.node:
@@ -318,6 +324,8 @@ def _bn_params(graph: onnx.GraphProto, manifest, producers) -> dict[str, tuple[s
                             found = (scale, bias)
         if found and found[0] in trained and found[1] in trained:
             out[layer.name] = found
+        elif len(layer.bn) == 2 and set(layer.bn) <= trained:  # a lowered training-mode BatchNorm: the manifest's
+            out[layer.name] = (layer.bn[0], layer.bn[1])
     return out
 
 
@@ -447,14 +455,156 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
 
 
-_FULL_MACS: dict[str, int] = {}
+_FULL_MACS: dict[tuple, int] = {}
 
 
-def full_backward_macs(artifacts: str | Path, manifest) -> int:
-    """Backward MACs per image of the unspecialised graph (every gradient), once per artifacts directory."""
-    key = str(Path(artifacts).resolve())
+def full_backward_macs(artifacts: str | Path, manifest, graph: str = "training_model") -> int:
+    """Backward MACs per image of the unspecialised graph (every gradient), once per graph file. `graph`:
+    the manifest's file to read it from, "training_model" (ORT's) or "portable_training_model" (the
+    portable backends: the same MACs, from the files a board holds)."""
+    path = Path(artifacts) / manifest.files.get(graph, "")
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), graph, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
     if key not in _FULL_MACS:
         states = {layer.name: "all" for layer in manifest.layers}
-        _, report = specialize(onnx.load(str(Path(artifacts) / manifest.files["training_model"])), manifest, states, "always")
+        _, report = specialize(load_training_graph(artifacts, manifest, graph), manifest, states, "always")
         _FULL_MACS[key] = report.backward_macs()
     return _FULL_MACS[key]
+
+
+def load_training_graph(artifacts: str | Path, manifest, graph: str = "portable_training_model") -> onnx.ModelProto:
+    """The graph `specialize` takes, read from the manifest's file `graph`: ORT's training_model.onnx as it
+    is, or portable_training_model.onnx with its convolution gradients raised back (training_graph_from_portable)."""
+    from .base import artifact_model
+
+    path = artifact_model(artifacts, manifest, graph)
+    model = onnx.load(str(path))
+    return training_graph_from_portable(model, manifest) if graph == "portable_training_model" else model
+
+
+# -- the training graph from the portable model --------------------------------------------------
+
+
+def training_graph_from_portable(portable: onnx.ModelProto, manifest) -> onnx.ModelProto:
+    """The graph `specialize` takes, rebuilt from portable_training_model.onnx alone (a board holds no
+    training_model.onnx): each conv's lowered ConvGrad nodes become one com.microsoft ConvGrad(dY, X, W)
+    again, with the forward Conv's attributes and outputs (dX, `<weight>_grad`, `<bias>_grad`), and each
+    `<param>_grad` output an InPlaceAccumulatorV2 on a `<param>_grad.accumulation.buffer` input, as in
+    ORT's graph. Every other node is standard ONNX already, which specialize passes through."""
+    inferred = onnx.shape_inference.infer_shapes(portable, strict_mode=False).graph.value_info
+    graph = onnx.GraphProto()
+    graph.CopyFrom(portable.graph)
+    sources = _accumulate_gradient_outputs(graph)
+    index = _NodeIndex(list(graph.node), {t.name for t in graph.initializer})
+    raised = [_raise_conv_grad(graph, index, sources, layer) for layer in manifest.layers]
+    renamed = {old: new for _, _, names in raised for old, new in names.items()}
+    replaced = {members[0]: node for members, node, _ in raised}
+    dropped = {i for members, _, _ in raised for i in members}
+    nodes = [replaced.get(i, n) for i, n in enumerate(index.nodes) if i in replaced or i not in dropped]
+    for node in nodes:
+        node.input[:] = [renamed.get(value, value) for value in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.value_info.extend(_renamed_value_info(inferred, renamed))
+    opsets = [o for o in portable.opset_import if o.domain != MS] + [helper.make_opsetid(MS, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=portable.ir_version)
+    model.producer_name = "onnx-neq specialize (from the portable model)"
+    return model
+
+
+def _renamed_value_info(infos, renamed: dict[str, str]) -> list[onnx.ValueInfoProto]:
+    out = []
+    for vi in infos:
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(vi)
+        copy.name = renamed.get(vi.name, vi.name)
+        out.append(copy)
+    return out
+
+
+def _accumulate_gradient_outputs(graph: onnx.GraphProto) -> dict[str, str]:
+    """Each `<param>_grad` output (param: a graph input) -> InPlaceAccumulatorV2(buffer, gradient) ->
+    `<param>_grad.accumulation.out`; the Identity that named the output goes. Returns param -> the
+    gradient value behind its mask's Mul (`<param>_grad.masked`), where it has one."""
+    params = {i.name for i in graph.input}
+    producers = {o: n for n in graph.node for o in n.output if o}
+    outputs, sources = [], {}
+    for out in graph.output:
+        param = out.name[: -len("_grad")] if out.name.endswith("_grad") else None
+        if param not in params:
+            outputs.append(out)
+            continue
+        identity = producers.get(out.name)
+        source = out.name
+        if identity is not None and identity.op_type == "Identity" and identity.name == f"{out.name}/output":
+            source = identity.input[0]
+            graph.node.remove(identity)
+        mask = producers.get(source)
+        masked = mask is not None and mask.op_type == "Mul" and source == f"{param}_grad.masked"
+        sources[param] = mask.input[0] if masked else source
+        buffer = f"{param}{_lower.BUFFER_SUFFIX}"
+        graph.input.append(onnx.ValueInfoProto(name=buffer, type=out.type))
+        acc = f"{out.name}.accumulation.out"
+        graph.node.append(helper.make_node(_lower.ACCUMULATOR, [buffer, source], [acc], name=f"{acc}/accumulate", domain=MS))
+        outputs.append(onnx.ValueInfoProto(name=acc, type=out.type))
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return sources
+
+
+@dataclass
+class _NodeIndex:
+    """The nodes of a graph, each value's producer and consumers, and the nodes by name prefix (a lowered
+    node is named `<the node it lowers>/<op>`)."""
+
+    nodes: list[onnx.NodeProto]
+    constants: set[str]  # initializer names
+
+    def __post_init__(self) -> None:
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.convs = {n.name: n for n in self.nodes if n.op_type == "Conv"}
+        self.consumers: dict[str, set[int]] = collections.defaultdict(set)
+        self.by_prefix: dict[str, list[int]] = collections.defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            for value in node.input:
+                self.consumers[value].add(i)
+            if "/" in node.name:
+                self.by_prefix[node.name.rsplit("/", 1)[0]].append(i)
+
+
+def _raise_conv_grad(graph: onnx.GraphProto, index: _NodeIndex, sources: dict[str, str], layer):
+    """The ConvGrad that `layer`'s lowered nodes (named `<ConvGrad>/...`, one contiguous run) stand for:
+    (their indices, the ConvGrad node, {gradient value: `<param>_grad`})."""
+    fix = "run `onnx-neq prepare` again"
+    dw = sources.get(layer.weight)
+    if dw not in index.producer or "/" not in index.nodes[index.producer[dw]].name:
+        raise NeqError(f"layer {layer.name!r}: the portable training model computes no weight gradient {layer.weight!r}; {fix}")
+    prefix = index.nodes[index.producer[dw]].name.rsplit("/", 1)[0]
+    members = index.by_prefix[prefix]
+    if members != list(range(members[0], members[-1] + 1)):
+        raise NeqError(f"layer {layer.name!r}: the lowered gradient nodes '{prefix}/...' are not one run of nodes; {fix}")
+    conv = index.convs.get(layer.node)
+    if conv is None or conv.input[1] != layer.weight:
+        raise NeqError(f"layer {layer.name!r}: the portable training model has no forward Conv {layer.node!r}; {fix}")
+    nodes = [index.nodes[i] for i in members]
+    db = sources.get(layer.bias) if layer.bias else None
+    dx = next((n.output[0] for n in nodes if n.op_type == "ConvTranspose"), "")
+    names = {dw: f"{layer.weight}_grad", **({db: f"{layer.bias}_grad"} if db else {})}
+    inside = {o for n in nodes for o in n.output if o}
+    outputs = {o.name for o in graph.output}
+    member_set = set(members)
+    leaving = {v for v in inside if v in outputs or index.consumers[v] - member_set}
+    if not set(names) <= inside or not leaving <= {dx, *names}:
+        raise NeqError(f"layer {layer.name!r}: its lowered ConvGrad '{prefix}/...' computes other values than dX, dW, dB; {fix}")
+    dy = _lowered_dy(nodes, inside, index.constants, conv, layer, fix)
+    node = helper.make_node("ConvGrad", [dy, conv.input[0], conv.input[1]], [dx, *names.values()], name=prefix, domain=MS)
+    node.attribute.extend(conv.attribute)
+    return members, node, names
+
+
+def _lowered_dy(nodes: list[onnx.NodeProto], inside: set[str], constants: set[str], conv, layer, fix: str) -> str:
+    """dY of a lowered ConvGrad: the one value its nodes read from outside other than X, W and constants."""
+    external = {i for n in nodes for i in n.input if i and i not in inside and i not in constants and i not in conv.input[:2]}
+    if len(external) != 1:
+        raise NeqError(f"layer {layer.name!r}: cannot tell the output gradient of its lowered ConvGrad ({sorted(external)[:3]}); {fix}")
+    return external.pop()

@@ -8,6 +8,10 @@ input per layer). Graphs are cached by the tuple of states, so one graph serves 
 the same layers. Gradients exist only for what trains: the update memory is the budget (plus the
 classifier and the BatchNorm parameters that train).
 
+The graph it specialises is rebuilt from portable_training_model.onnx (training_graph_from_portable),
+so it reads the same four artifact files as the portable backend: manifest.json,
+portable_training_model.onnx, eval_model.onnx and parameters.npz (what a board holds).
+
 SGD only (the paper's recipe): with SGD a step over the selected rows is the masked step exactly.
 """
 
@@ -17,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from ..errors import NeqError
 from ..ort_runtime import onnxruntime
 from .portable import PortableBackend, _f32
-from .specialize import channel_inputs, layer_states, specialize
+from .specialize import channel_inputs, layer_states, load_training_graph, specialize
 
 
 class SpecializedBackend(PortableBackend):
@@ -42,7 +45,8 @@ class SpecializedBackend(PortableBackend):
             raise NeqError(
                 "--backend specialized trains with SGD (the paper's recipe); prepare with --optimizer sgd, or use --backend portable"
             )
-        self._training_proto = onnx.load(str(self.dir / self.manifest.files["training_model"]))
+        # rebuilt from portable_training_model.onnx: the backend reads the four files a board holds
+        self._training_proto = load_training_graph(self.dir, self.manifest, "portable_training_model")
         self.set_masks(self.masks)
 
     def _prepare_training(self) -> None:
