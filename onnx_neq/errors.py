@@ -54,7 +54,7 @@ def user_error_in_chain(exc: BaseException) -> NeqError | None:
 
 def is_runtime_error(exc: BaseException) -> bool:
     """True for the exceptions ONNX Runtime raises on a model or checkpoint it cannot load or run."""
-    return type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError)
+    return type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError | UnicodeError)  # a damaged name: not UTF-8
 
 
 def first_line(exc: BaseException) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .data import load_dataset, preprocess, select_classes
-from .errors import NeqError
+from .errors import NeqError, first_line, is_runtime_error
+from .manifest import MAX_DIM
 from .model_io import load_model
 from .ort_runtime import inference_session
 
@@ -34,12 +37,8 @@ def record_normalization(path: Path, mean: list[float], std: list[float]) -> Non
 
 def evaluate(model_path: str | Path, data: str, classes: list[int] | None = None, split: str = "test", batch_size: int = 256) -> EvalResult:
     model = load_model(model_path)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if MEAN_KEY not in meta:
-        raise NeqError(f"{model_path} does not record its input normalization; evaluate a model.onnx written by `onnx-neq train`")
-    mean, std = ([float(v) for v in meta[k].split(",")] for k in (MEAN_KEY, STD_KEY))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    channels, size = dims[1].dim_value, (dims[2].dim_value, dims[3].dim_value)
+    mean, std = _normalization(model, model_path)
+    channels, size = _image_input(model, model_path)
     dataset = load_dataset(data, size)
     if classes:
         dataset = select_classes(dataset, classes)
@@ -49,5 +48,45 @@ def evaluate(model_path: str | Path, data: str, classes: list[int] | None = None
     correct = 0
     for i in range(0, len(images), batch_size):
         x = preprocess(images.images[i : i + batch_size], size, channels, mean, std)
-        correct += int((session.run(None, {name: x})[0].argmax(1) == images.labels[i : i + batch_size]).sum())
+        correct += int((_logits(session, name, x, model_path).argmax(1) == images.labels[i : i + batch_size]).sum())
     return EvalResult(str(model_path), dataset.name, len(images), correct / max(1, len(images)))
+
+
+def _normalization(model: onnx.ModelProto, path) -> tuple[list[float], list[float]]:
+    """The mean and std recorded by `train`; NeqError when they are absent or not finite numbers."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if MEAN_KEY not in meta or STD_KEY not in meta:
+        raise NeqError(f"{path} does not record its input normalization; evaluate a model.onnx written by `onnx-neq train`")
+    try:
+        mean, std = ([float(v) for v in meta[k].split(",")] for k in (MEAN_KEY, STD_KEY))
+    except ValueError:
+        mean, std = [], []
+    if not mean or len(mean) != len(std) or not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise NeqError(
+            f"{path}: its recorded normalization ({meta[MEAN_KEY][:40]!r}, {meta[STD_KEY][:40]!r}) is not finite numbers; re-export it"
+        )
+    return mean, std
+
+
+def _image_input(model: onnx.ModelProto, path) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) of the model's image input [N, C, H, W]; NeqError when it has no such input."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    if len(dims) != 4 or not all(0 < d <= MAX_DIM for d in dims[1:]):
+        raise NeqError(
+            f"{path}: expected one image input [N, C, H, W] with fixed C, H, W; evaluate a model.onnx written by `onnx-neq train`"
+        )
+    return dims[1], (dims[2], dims[3])
+
+
+def _logits(session, name: str, x, path) -> np.ndarray:
+    try:
+        logits = session.run(None, {name: x})[0]
+    except Exception as exc:
+        if not is_runtime_error(exc):
+            raise
+        raise NeqError(f"ONNX Runtime cannot run {path} ({first_line(exc)}); it is damaged or not a classifier, re-export it") from None
+    if logits.ndim < 2 or len(logits) != len(x):
+        raise NeqError(f"{path}: its first output has shape {list(logits.shape)}, not class scores [N, classes]")
+    return logits.reshape(len(x), -1)

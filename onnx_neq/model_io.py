@@ -110,18 +110,21 @@ def _itemsize(tensor: onnx.TensorProto, path: Path) -> int:
         raise NeqError(f"{path}: tensor {tensor.name!r} has an unknown data type {tensor.data_type}; re-export the model") from None
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4") if hasattr(onnx.TensorProto, name)}
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 def _check_inline(tensor: onnx.TensorProto, count: int, path: Path) -> None:
     if tensor.data_type == onnx.TensorProto.STRING:
         held = len(tensor.string_data)
+    elif tensor.HasField("raw_data") and tensor.data_type in _PACKED_4BIT:
+        held = count if 2 * len(tensor.raw_data) in (count, count + 1) else 2 * len(tensor.raw_data)
     elif tensor.HasField("raw_data"):
-        held = len(tensor.raw_data) // _itemsize(tensor, path)
+        held = len(tensor.raw_data) / _itemsize(tensor, path)
     else:
         held = sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
         held //= 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
-    if held < count:
+    if held != count:
         raise NeqError(
             f"{path}: tensor {tensor.name!r} declares shape {list(tensor.dims)} ({count:,} values) but holds {held:,}; "
             "the file is damaged or crafted, re-export the model"

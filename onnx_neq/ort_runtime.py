@@ -100,7 +100,7 @@ def session_options(threads: int = 0, memory_pattern: bool = False):
     1.0 GiB without) and measured no faster (BENCHMARKS.md, the budget table's specialized-pattern
     rows). Memory is what a board lacks, so it is off unless asked for (--memory-pattern)."""
     opts = onnxruntime().SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failure reaches the user as the exception's one line, not as native log lines
     opts.enable_mem_pattern = memory_pattern
     if threads:
         opts.intra_op_num_threads = threads

@@ -245,6 +245,7 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     written to the run until every check has passed."""
     settings = run.settings()
     config = _stored_config(run, settings)
+    stored_epochs = config.epochs
     notes = _apply_overrides(run, config, overrides)
     config.validate()
     manifest = read_manifest(config.artifacts)
@@ -254,7 +255,7 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     state, arrays, damage = run.resume_point(lambda path: _checkpoint_problem(config, manifest, path))
     checkpoint = run.path / state.checkpoint if state.checkpoint else None
     session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads, **_backend_options(config))
-    if config.epochs != settings["config"]["epochs"]:
+    if config.epochs != stored_epochs:
         run.write_settings({**settings, "config": asdict(config)})
     progress("start", _start_info(config, manifest, data, budget, notes + damage, resumed_at=state.epoch + 1))
     return _Loop(config, manifest, data, session, run, models, budget, su_mask, progress).run(state, arrays)

@@ -172,3 +172,15 @@ def test_sparse_update_scheme_ratios_are_checked(ratio, tiny_artifacts, data, tm
         "train", tiny_artifacts, "--data", f"npz:{data}", "--out", tmp_path / "run", *TINY, "--selector", "su", "--su-scheme", scheme
     )
     _one_line_error(result, "scheme")
+
+
+def test_a_setting_missing_from_settings_json_takes_its_default(finished, tmp_path):
+    """A key removed from settings.json crashed the resume (KeyError)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    settings = json.loads((run / "settings.json").read_text())
+    del settings["config"]["epochs"]
+    (run / "settings.json").write_text(json.dumps(settings))
+    result = _cli("train", "--out", run, "--resume", "--epochs", "3")
+    assert result.exit_code == 0, result.stderr
+    assert [int(r["epoch"]) for r in RunDir(run).metrics()] == [0, 1, 2]

@@ -271,3 +271,28 @@ def test_the_model_tensor_check_matches_numpy(tmp_path):
     from onnx_neq.model_io import load_model
 
     np.testing.assert_array_equal(numpy_helper.to_array(load_model(tmp_path / "m.onnx").graph.initializer[0]), w)
+
+
+def test_a_tensor_holding_more_bytes_than_it_declares_is_refused(tiny_onnx, tmp_path):
+    """onnxruntime refuses it too, but with native log lines and an error from deep inside."""
+    model = onnx.load(str(tiny_onnx[0]))
+    tensor = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    tensor.dims[0] -= 1
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _one_line_error(_cli("prepare", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "art")), "declares shape", tensor.name)
+
+
+@pytest.mark.parametrize("damage", ["no_image_input", "bad_normalization"])
+def test_eval_of_a_model_that_is_not_ours_is_one_line(damage, tiny_onnx, tmp_path, rng):
+    from onnx_neq.evaluate import record_normalization
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx[0], path)
+    record_normalization(path, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    model = onnx.load(str(path))
+    if damage == "no_image_input":
+        del model.graph.input[0].type.tensor_type.shape.dim[2:]
+    else:
+        model.metadata_props[1].value = "nan,0,1"
+    onnx.save(model, str(path))
+    _one_line_error(_cli("eval", str(path), "--data", f"npz:{_npz(tmp_path / 'd.npz', rng)}"), str(path))

@@ -146,6 +146,7 @@ def updated_running_statistics(manifest: Manifest, outputs: list[np.ndarray], ba
     m = np.float32(manifest.bn_momentum)
     for stat, mean, inv_std in zip(manifest.bn_stats, outputs[0::2], outputs[1::2]):
         n = batch * stat["positions"]
-        variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a diverged step: the guard reports it
+            variance = (1.0 / np.square(inv_std.astype(np.float64)) - stat["epsilon"]) * (n / max(n - 1, 1))
         for name, value in ((stat["running_mean"], mean), (stat["running_var"], variance)):
             yield name, ((1 - m) * running(name) + m * value.astype(np.float32)).astype(np.float32)
