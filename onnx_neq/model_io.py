@@ -13,6 +13,7 @@ from .errors import NeqError
 MAX_IR_VERSION = 10  # what onnxruntime-training 1.19.2 reads
 
 
+MODEL_FIX = "re-export the model"  # how a model's messages end; an artifact's end in its own fix instead
 MAX_TENSOR_ELEMENTS = 1 << 31  # 8 GiB of float32 in one tensor: beyond any CNN onnx-neq fine-tunes
 
 
@@ -58,18 +59,33 @@ def check_model_file(path: Path, folder: Path, fix: str) -> None:
     try:
         check_tensors(read_unchecked(path), path, folder)
     except NeqError as exc:
-        raise NeqError(f"{exc}; {fix}") from None
+        message = str(exc).removesuffix(f"; {MODEL_FIX}").removesuffix(f", {MODEL_FIX}")
+        raise NeqError(f"{message}; {fix}") from None
 
 
 def check_tensors(model: onnx.ModelProto, path: Path, folder: Path) -> None:
-    """NeqError for a tensor whose shape declares more values than it holds (or absurdly many), or whose
-    external data lies outside `folder` (an absolute path, '..', a link leading out) or past its file's end."""
+    """NeqError for a tensor whose shape declares other than the values it holds (or absurdly many), whose
+    external data lies outside `folder` (an absolute path, '..', a link leading out) or past its file's
+    end, or for a name that is not text (protobuf hands back bytes where a damaged name is not UTF-8)."""
+    _check_names(model, path)
     for tensor in _all_tensors(model):
         count = _declared_count(tensor, path)
         if uses_external_data(tensor):
             _check_external(tensor, count, path, folder)
         else:
             _check_inline(tensor, count, path)
+
+
+def _check_names(model: onnx.ModelProto, path: Path) -> None:
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        names = [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+        for node in graph.node:
+            names.extend([node.name, node.op_type, node.domain, *node.input, *node.output])
+        if not all(isinstance(name, str) for name in names):
+            raise NeqError(f"{path} holds names that are not text (the file is damaged); re-export the model")
+        graphs.extend(_attribute_graphs(graph.node))
 
 
 def _all_tensors(model: onnx.ModelProto):
