@@ -94,5 +94,12 @@ def onnx_model(nodes, inputs, outputs, initializers=(), opset: int = 17):
 
 
 @pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A prepared-artifacts cache (~/.cache/onnx-neq) of the test's own: `pytestmark = pytest.mark.usefixtures("own_cache")`."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -27,9 +27,7 @@ BOARD_FILES = ("manifest.json", "portable_training_model.onnx", "eval_model.onnx
 TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds"}  # wall-clock columns
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # a cache of its own per test
 
 
 @pytest.fixture(scope="module")

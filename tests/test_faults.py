@@ -28,9 +28,7 @@ TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds"}
 DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # a cache of its own per test
 
 
 def _cli(*args: str) -> list[str]:

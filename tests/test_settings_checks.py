@@ -17,9 +17,7 @@ from onnx_neq.run_dir import RunDir
 TINY = ["--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # a cache of its own per test
 
 
 @pytest.fixture(scope="module")
