@@ -35,15 +35,7 @@ import numpy as np
 from .backends.base import artifact_model
 from .errors import NeqError
 from .manifest import Layer, Manifest, read_manifest
-from .ort_runtime import onnxruntime, session_options
-
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
+from .ort_runtime import ORT_DTYPES, onnxruntime, session_options
 
 
 @dataclass(eq=False)
@@ -186,7 +178,7 @@ class GradientProbe:
                 f"parameter {name!r} is missing from the parameters given to the gradient probe; pass every parameter of the artifacts"
             )
         arg = self.inputs[name]
-        value = np.asarray(params[name], dtype=_ORT_DTYPES.get(arg.type))
+        value = np.asarray(params[name], dtype=ORT_DTYPES.get(arg.type))
         # ORT reports an input of unknown rank as shape []: only a known rank is checked
         if (arg.shape and len(arg.shape) != value.ndim) or any(isinstance(d, int) and d != s for d, s in zip(arg.shape, value.shape)):
             raise NeqError(

@@ -15,6 +15,16 @@ import tempfile
 import types
 from collections.abc import Iterator
 
+import numpy as np
+
+ORT_DTYPES = {  # onnxruntime's NodeArg.type -> the numpy dtype of an array fed to it
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
 
 def onnxruntime():
     """The onnxruntime module, imported so that it does not pull in torch.

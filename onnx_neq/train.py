@@ -35,13 +35,12 @@ from .selector_registry import FIRST_EPOCH_RULES, FISHER, GRADIENT_NORMS, RANK_C
 from .selectors import SU_SCHEMES, select_su, split_by_layer
 from .su_schemes import check_builtin_schemes, load_su_scheme
 from .typed_json import build
-from .velocity import PHI_MODES, VelocityState, layer_phi
+from .velocity import PHI_MODES, RECURRENCES, VelocityState, layer_phi
 
 log = logging.getLogger(__name__)
 
 GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the velocity buffers
 MAX_COUNT = 1 << 31  # no count of a run (epochs, batch, seed, images) comes near this
-RECURRENCES = ("code", "textbook")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import NeqError
 from ..manifest import Manifest, artifact_path, read_manifest
-from ..ort_runtime import onnxruntime, session_options
+from ..ort_runtime import ORT_DTYPES, onnxruntime, session_options
 from .base import artifact_model, checked_masks, updated_running_statistics
 from .host_optim import optimizer_for_manifest
 
@@ -88,6 +88,8 @@ class PortableBackend:
     def _check_parameters(self, session) -> None:
         """Every parameter input of `session` has an array of its declared dtype and shape (parameters.npz
         and checkpoints are files someone may hand us): one NeqError before ONNX Runtime runs anything."""
+        from .specialize import CHANNELS_SUFFIX  # the specialised graphs' channel inputs, fed per selection
+
         fed = {self.manifest.input.name, self.manifest.label_input, *(layer.mask_input for layer in self.manifest.layers)}
         for arg in session.get_inputs():
             if arg.name in fed or arg.name.endswith(CHANNELS_SUFFIX):
@@ -205,13 +207,9 @@ def _load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise NeqError(f"{path} is not a readable parameter file ({str(exc).splitlines()[0][:100]})") from None
 
 
-CHANNELS_SUFFIX = ".neq_channels"  # the specialised graphs' channel-index inputs, fed per selection
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
 def _mismatch(array: np.ndarray, arg) -> str | None:
     """How `array` differs from what the graph input `arg` declares (dtype, rank, static dims), or None."""
-    dtype = _ORT_TYPES.get(arg.type)
+    dtype = ORT_DTYPES.get(arg.type)
     if dtype is None or array.dtype != dtype:
         return f"has dtype {array.dtype}, the model wants {arg.type}"
     shape = arg.shape or []

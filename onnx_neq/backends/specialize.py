@@ -92,9 +92,12 @@ class SpecializeReport:
         return total
 
 
+CHANNELS_SUFFIX = ".neq_channels"  # the int64 input of the selected channels of a partly selected layer
+
+
 def channels_input_name(layer) -> str:
     """`<layer>.neq_channels`."""
-    return f"{layer.name}.neq_channels"
+    return f"{layer.name}{CHANNELS_SUFFIX}"
 
 
 def layer_states(manifest, masks: dict[str, np.ndarray]) -> dict[str, str]:
