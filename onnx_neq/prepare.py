@@ -77,7 +77,7 @@ def prepare(
     ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
     normalized.rewritten.update(rewrites.rewritten)
     proto = ir.serde.serialize_model(model)
-    staging = _staging_dir(out_dir, model_path)
+    staging = _staging_dir(out_dir)
     try:
         if weight_decay is None:
             weight_decay = 0.01 if optimizer == "adamw" else 0.0
@@ -210,10 +210,9 @@ def layer_geometry(inferred: onnx.ModelProto, layers: list[ConvLayer]) -> dict[s
 STAGING_MARK = ".onnx-neq-staging"  # in a staging folder until it is renamed into place: proof that it is ours
 
 
-def _staging_dir(out_dir: Path, model_path: Path) -> Path:
-    """A fresh staging folder beside `out_dir`, after checking that prepare may replace `out_dir` and
-    removing the staging folders that killed prepares left there."""
-    check_replaceable(out_dir, model_path)
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh staging folder beside `out_dir` (which prepare() checked first), after removing the staging
+    folders that killed prepares left there."""
     _remove_stale_staging(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if staging.exists():
