@@ -1,7 +1,10 @@
-"""Generate ONNX Runtime training artifacts and apply the onnx-neq passes to them.
+"""Write the training artifacts of a prepared forward model.
 
-forward model -> training_model.onnx (+ gradient masks), eval_model.onnx (+ activation taps,
-single-output BatchNorm), optimizer_model.onnx (SGD or AdamW), checkpoint.
+Always (onnx-neq's own gradient builder, stock onnxruntime): portable_training_model.onnx (loss, logits,
+masked gradients, BatchNorm batch statistics), eval_model.onnx (+ activation taps, single-output
+BatchNorm) and parameters.npz. Where onnxruntime-training is installed, also its artifacts for the
+reference backend (`--backend ort-training`): training_model.onnx (+ gradient masks and statistics
+outputs, named as in the portable graph), optimizer_model.onnx (SGD or AdamW) and checkpoint.
 """
 
 from __future__ import annotations
@@ -9,15 +12,18 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 
 from .conv_layers import ConvLayer
 from .errors import NeqError, first_line, is_runtime_error
-from .ort_runtime import artifacts_module, captured_native_stderr
+from .gradients import build_eval_model, build_training_model
+from .ort_runtime import artifacts_module, captured_native_stderr, has_training
 from .parameters import ParameterGroups
 from .passes.activation_rewrites import REWRITTEN_OPS
 from .passes.activation_taps import ActivationTapPass
@@ -29,14 +35,17 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 LABEL_INPUT = "labels"
-FILES = {
-    "training_model": "training_model.onnx",
-    "eval_model": "eval_model.onnx",
-    "optimizer_model": "optimizer_model.onnx",
-    "checkpoint": "checkpoint",
+PORTABLE_FILES = {
     "portable_training_model": "portable_training_model.onnx",
+    "eval_model": "eval_model.onnx",
     "parameters": "parameters.npz",
 }
+ORT_FILES = {
+    "training_model": "training_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+FILES = {**ORT_FILES, **PORTABLE_FILES}  # every file prepare may write
 
 
 @dataclass
@@ -46,6 +55,9 @@ class ArtifactsReport:
     taps: list[str]
     bn_nodes_fixed: int
     bn_stats: list[dict]
+    files: dict[str, str] = field(default_factory=dict)  # the manifest's files: what was written
+    ort_training: str = ""  # why the ORT-training artifacts are missing ("" when written)
+    unreached: list[str] = field(default_factory=list)
 
 
 def generate(
@@ -57,37 +69,103 @@ def generate(
     logits: str,
     weight_decay: float = 0.0,
     bn_positions: dict[str, int] | None = None,
+    ort_training: bool | None = None,
 ) -> ArtifactsReport:
-    """Write the ORT artifacts and the portable ones into `directory` and apply masks and taps.
-    `bn_positions`: running_mean -> H*W of each training-mode BatchNorm (their statistics become outputs)."""
+    """Write the artifacts into `directory`. `bn_positions`: running_mean -> H*W of each training-mode
+    BatchNorm (their statistics become outputs). `ort_training`: also write onnxruntime-training's
+    artifacts (None: where it is installed)."""
     if optimizer not in OPTIMIZERS:
         raise NeqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
-    _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), directory, logits)
-    user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
-    masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
-    stats = BatchNormStatisticsPass(bn_positions or {})
-    training = _rewrite(directory / FILES["training_model"], [masks, stats])
+    if optimizer == "sgd" and weight_decay:
+        raise NeqError("SGD here has no weight decay (as ORT's); use --optimizer adamw for --weight-decay")
+    directory.mkdir(parents=True, exist_ok=True)
+    training, grads = build_training_model(model, groups.trainable, groups.frozen, layers, logits, LABEL_INPUT, bn_positions)
+    onnx.save(training, str(directory / PORTABLE_FILES["portable_training_model"]))
+    eval_path = directory / PORTABLE_FILES["eval_model"]
+    onnx.save(build_eval_model(model, groups.trainable + groups.frozen, logits, LABEL_INPUT), str(eval_path))
     taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
-    _rewrite(directory / FILES["eval_model"], [bn, taps])
-    _write_portable(directory, [name for s in stats.stats for name in (s["batch_mean"], s["batch_inv_std"])])
-    return ArtifactsReport(training.graph.outputs[0].name, masks.report.mask_inputs, taps.taps, bn.changed, stats.stats)
+    _rewrite(eval_path, [bn, taps])
+    _write_parameters(model, groups.trainable + groups.frozen, directory / PORTABLE_FILES["parameters"])
+    report = ArtifactsReport(grads.loss_output, grads.mask_inputs, taps.taps, bn.changed, grads.bn_stats, dict(PORTABLE_FILES))
+    report.unreached = grads.unreached
+    if ort_training is None:
+        ort_training = has_training()
+    report.ort_training = "onnxruntime-training is not installed" if not ort_training else ""
+    if ort_training:
+        try:
+            _write_ort_artifacts(model, groups, layers, optimizer, weight_decay, directory, logits, bn_positions, report)
+            report.files.update(ORT_FILES)
+        except NeqError as exc:
+            report.ort_training = str(exc)
+    return report
 
 
-def _write_portable(directory: Path, keep_outputs: list[str]) -> None:
-    """The lowered (standard-ONNX) training graph and every parameter of the checkpoint as .npz,
-    for the portable backend on stock onnxruntime."""
-    import numpy as np
+def _write_parameters(model: onnx.ModelProto, names: list[str], path: Path) -> None:
+    """Every parameter, trained and frozen, as the portable backends read them."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    with open(path, "wb") as f:
+        np.savez(f, **{name: numpy_helper.to_array(tensors[name]) for name in names})
 
-    from .lowering import lower_training_model
-    from .ort_runtime import training_api
 
-    lowered, _ = lower_training_model(onnx.load(str(directory / FILES["training_model"])), keep_outputs=keep_outputs)
-    onnx.save(lowered, str(directory / FILES["portable_training_model"]))
-    with captured_native_stderr():
-        state = training_api().CheckpointState.load_checkpoint(str(directory / FILES["checkpoint"]))
-        params = {name: np.array(p.data) for name, p in state.parameters}
-    with open(directory / FILES["parameters"], "wb") as f:
-        np.savez(f, **params)
+def _write_ort_artifacts(model, groups, layers, optimizer, weight_decay, directory: Path, logits, bn_positions, report) -> None:
+    """onnxruntime-training's training model (masks, statistics outputs), optimizer model and checkpoint.
+    Its loss and statistics outputs take the portable graph's names, so one manifest serves both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_dir = Path(tmp)
+        _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), ort_dir, logits)
+        user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
+        masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
+        stats = BatchNormStatisticsPass(bn_positions or {})
+        training = _rewrite(ort_dir / ORT_FILES["training_model"], [masks, stats])
+        renames = {training.graph.outputs[0].name: report.loss_output}
+        theirs = {s["running_mean"]: s for s in stats.stats}
+        if set(theirs) != {s["running_mean"] for s in report.bn_stats}:
+            raise NeqError("onnxruntime-training's graph has other training-mode BatchNorms than onnx-neq's")
+        for ours in report.bn_stats:
+            for key in ("batch_mean", "batch_inv_std"):
+                renames[theirs[ours["running_mean"]][key]] = ours[key]
+        _rename_values(training, renames)
+        _order_statistics(training, [name for s in report.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])])
+        ir.save(training, str(directory / ORT_FILES["training_model"]))
+        _match_input_order(directory / PORTABLE_FILES["eval_model"], ort_dir / PORTABLE_FILES["eval_model"])
+        for key in ("optimizer_model", "checkpoint"):
+            (ort_dir / ORT_FILES[key]).replace(directory / ORT_FILES[key])
+
+
+def _match_input_order(ours: Path, theirs: Path) -> None:
+    """Our eval model's inputs in the order of onnxruntime-training's own eval model: its Module feeds the
+    parameters by position, so both backends can evaluate the one eval_model.onnx."""
+    order = {v.name: i for i, v in enumerate(onnx.load(str(theirs), load_external_data=False).graph.input)}
+    model = onnx.load(str(ours))
+    inputs = sorted(model.graph.input, key=lambda v: order.get(v.name, len(order)))
+    if [v.name for v in inputs] != [v.name for v in model.graph.input]:
+        copies = [onnx.ValueInfoProto() for _ in inputs]
+        for copy, v in zip(copies, inputs):
+            copy.CopyFrom(v)
+        del model.graph.input[:]
+        model.graph.input.extend(copies)
+        onnx.save(model, str(ours))
+
+
+def _order_statistics(model: ir.Model, names: list[str]) -> None:
+    """The statistics outputs (the ORT backend reads them by position) in the manifest's order."""
+    outputs = model.graph.outputs
+    by_name = {v.name: v for v in outputs[len(outputs) - len(names) :]}
+    del outputs[len(outputs) - len(names) :]
+    outputs.extend(by_name[n] for n in names)
+
+
+def _rename_values(model: ir.Model, renames: dict[str, str]) -> None:
+    taken = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    for old, new in renames.items():
+        if old == new:
+            continue
+        if new in taken:
+            raise NeqError(f"onnxruntime-training's graph already has a value named {new!r}")
+        for node in model.graph:
+            for value in node.outputs:
+                if value.name == old:
+                    value.name = new
 
 
 def _optimizer_block(optimizer: str, weight_decay: float):

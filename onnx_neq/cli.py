@@ -110,7 +110,7 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new head's initialization.")
 @click.option("--input-shape", default=None, help="N,C,H,W to fix dynamic input dims (the batch stays dynamic), e.g. 1,3,224,224.")
 def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed, input_shape) -> None:
-    """Make ORT training artifacts with per-channel gradient masks, activation taps and a manifest."""
+    """Make training artifacts (gradient graph with per-channel masks, activation taps, manifest)."""
     from .prepare import prepare as run_prepare
     from .summary import manifest_summary, prepare_changes
 
@@ -119,9 +119,10 @@ def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, see
     )
     click.echo(manifest_summary(report.manifest))
     click.echo(prepare_changes(report))
-    click.echo(
-        f"\nwrote {out_dir.as_posix().rstrip('/')}/: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, manifest.json"
-    )
+    files = ", ".join([*report.manifest.files.values(), "manifest.json"])
+    click.echo(f"\nwrote {out_dir.as_posix().rstrip('/')}/: {files}")
+    if report.ort_training:
+        click.echo(f"no ORT-training artifacts (--backend ort-training): {report.ort_training}")
 
 
 @main.command("export-inference")

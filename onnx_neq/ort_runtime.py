@@ -70,6 +70,15 @@ def training_api():
     return api
 
 
+def has_training() -> bool:
+    """Whether onnxruntime-training (its artifacts generator) is installed, without importing torch."""
+    try:
+        artifacts_module()
+    except Exception:  # NeqError where it is missing; anything else means it is unusable here
+        return False
+    return True
+
+
 def artifacts_module():
     """The `onnxruntime.training.artifacts` module (generate_artifacts, LossType, OptimType)."""
     onnxruntime()

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -18,7 +18,6 @@ from .errors import NeqError
 from .manifest import FILENAME, InputSpec, Layer, Manifest, read_manifest, write_manifest
 from .model_io import load_model
 from .normalize import NormalizeReport, convert_opset, normalize
-from .ort_runtime import artifacts_module
 from .parameters import ParameterGroups, group_parameters
 from .passes.activation_rewrites import ActivationRewritePass
 from .passes.batchnorm_affine import BatchNormAffinePass
@@ -41,6 +40,8 @@ class PrepareReport:
     dropout_removed: int
     head_replaced: tuple[int, int] | None
     normalized: NormalizeReport
+    ort_training: str = ""  # why the ORT-training artifacts were not written ("" when they were)
+    unreached: list[str] = field(default_factory=list)  # trained parameters the loss does not depend on
 
 
 def prepare(
@@ -55,7 +56,6 @@ def prepare(
     input_shape: list[int] | None = None,
 ) -> PrepareReport:
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
-    artifacts_module()  # the gradient builder: a clear line up front where it is missing
     model_path, out_dir = Path(model_path), Path(out_dir)
     check_replaceable(out_dir, model_path)
     normalized = NormalizeReport()
@@ -103,7 +103,15 @@ def prepare(
         if (staging / STAGING_MARK).exists():
             shutil.rmtree(staging, ignore_errors=True)
     return PrepareReport(
-        manifest, out_dir, report.bn_nodes_fixed, len(affine.rewritten), dropout.removed, head.replaced if head else None, normalized
+        manifest,
+        out_dir,
+        report.bn_nodes_fixed,
+        len(affine.rewritten),
+        dropout.removed,
+        head.replaced if head else None,
+        normalized,
+        report.ort_training,
+        report.unreached,
     )
 
 
@@ -173,7 +181,7 @@ def _manifest(
         frozen_params=groups.frozen,
         always_trained=groups.bn + groups.classifier + groups.other,
         layers=rows,
-        files=dict(artifacts.FILES),
+        files=dict(report.files),
     )
 
 

@@ -55,6 +55,9 @@ def prepare_changes(report) -> str:
         lines.append(
             f"batchnorm  {report.frozen_bn_rewritten} inference-mode BatchNorm node(s) rewritten as affine ops (running statistics frozen)"
         )
+    if report.unreached:
+        shown = ", ".join(report.unreached[:4]) + (f" and {len(report.unreached) - 4} more" if len(report.unreached) > 4 else "")
+        lines.append(f"unused     the loss does not depend on {shown}: their gradient is 0")
     return "\n".join(lines)
 
 

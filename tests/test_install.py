@@ -29,51 +29,34 @@ def _digits_npz(path: Path) -> Path:
     return path
 
 
-def test_stock_onnxruntime_trains_artifacts_prepared_elsewhere(tiny_onnx, tiny_artifacts, tmp_path):
-    python = _venv(tmp_path / "venv", "onnxruntime", "numpy", "click", "onnx>=1.17", "onnx-ir==1.1.0", "onnxscript==0.7.2")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], check=True, timeout=600)
+def _cli(tmp_path: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(tmp_path / "venv" / "bin" / "onnx-neq"), *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+def test_stock_onnxruntime_prepares_and_trains(tiny_onnx, tiny_artifacts, tmp_path):
+    """pip install of the package alone: stock onnxruntime and the newest onnx, no onnxruntime-training; prepare
+    writes the portable artifacts with onnx-neq's gradient builder, train runs them (and artifacts prepared
+    in the reference environment), and `--backend ort-training` is one line naming the reference setup."""
+    python = _venv(tmp_path / "venv", str(ROOT))
     probe = subprocess.run(
         [str(python), "-c", "import onnxruntime, importlib.util as u; print(onnxruntime.__version__, u.find_spec('onnxruntime.training'))"],
         capture_output=True,
         text=True,
     )
     assert probe.returncode == 0 and probe.stdout.split()[1] == "None", probe.stdout + probe.stderr
-    cli = str(tmp_path / "venv" / "bin" / "onnx-neq")
     data = _digits_npz(tmp_path / "digits.npz")
-    run = subprocess.run(
-        [
-            cli,
-            "train",
-            str(tiny_artifacts),
-            "--backend",
-            "portable",
-            "--data",
-            f"npz:{data}",
-            "--epochs",
-            "2",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
+    prepare = _cli(tmp_path, "prepare", str(tiny_onnx[0]), "-o", str(tmp_path / "art"), cwd=tmp_path)
+    assert prepare.returncode == 0, prepare.stderr
+    assert "no ORT-training artifacts" in prepare.stdout and not (tmp_path / "art" / "training_model.onnx").exists()
+    for artifacts, out in ((tmp_path / "art", "run"), (tiny_artifacts, "run-elsewhere")):
+        run = _cli(tmp_path, "train", str(artifacts), "--data", f"npz:{data}", "--epochs", "2", "--out", str(tmp_path / out), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert (tmp_path / out / "model.onnx").exists()
+    refused = _cli(
+        tmp_path, "train", str(tmp_path / "art"), "--backend", "ort-training", "--data", f"npz:{data}", "--out", "r3", cwd=tmp_path
     )
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "run" / "model.onnx").exists()
-    default = subprocess.run(
-        [cli, "train", str(tiny_artifacts), "--data", f"npz:{data}", "--epochs", "1", "--out", str(tmp_path / "run2")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert default.returncode == 0, default.stderr  # portable is the default where onnxruntime-training is missing
-    prepare = subprocess.run([cli, "prepare", str(tiny_onnx[0]), "-o", str(tmp_path / "art")], capture_output=True, text=True, timeout=600)
-    assert prepare.returncode == 2
-    lines = [line for line in prepare.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "onnxruntime-training" in lines[0], prepare.stderr
-    assert not (tmp_path / "art").exists()
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1 and "onnxruntime-training" in lines[0], refused.stderr
 
 
 def test_non_editable_install_carries_the_shipped_model(tmp_path):

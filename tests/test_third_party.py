@@ -239,18 +239,23 @@ def test_prelu_slope_stays_trainable(tmp_path, rng):
     assert not np.array_equal(session.parameter("slope"), np.full((4, 1, 1), 0.25, np.float32))
 
 
-def test_control_flow_is_one_line_not_an_abort(tmp_path):
-    """PyTorch exports LocalResponseNorm with an If node, on which ORT 1.19.2's gradient builder
-    aborts the process; prepare names the node instead."""
+def test_control_flow_off_the_gradient_path_prepares(tmp_path, rng):
+    """PyTorch exports LocalResponseNorm with an If node (on which ORT 1.19.2's gradient builder aborts the
+    process). onnx-neq's builder needs no gradient through it (it only picks a shape), so prepare writes the
+    portable artifacts, says why there are no ORT-training ones, and one SGD step equals PyTorch's."""
     import torch
+    from test_training_step import _check_sgd_step_matches_torch
 
     from onnx_neq.export import export_module
 
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LocalResponseNorm(3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
     export_module(model, tmp_path / "lrn.onnx", resolution=8)
-    with pytest.raises(NeqError, match=r"control flow \(If '.*'\)"):
-        prepare(tmp_path / "lrn.onnx", tmp_path / "art")
-    assert not (tmp_path / "art").exists()
+    assert any(n.op_type == "If" for n in onnx.load(str(tmp_path / "lrn.onnx")).graph.node)
+    report = prepare(tmp_path / "lrn.onnx", tmp_path / "art")
+    assert "training_model" not in report.manifest.files and "control flow (If '" in report.ort_training
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    _check_sgd_step_matches_torch("portable", tmp_path / "art", model, x, rng.integers(0, 3, 4), lr=0.1)
 
 
 def _fixed_size_model(rng, flatten_head: bool) -> onnx.ModelProto:
