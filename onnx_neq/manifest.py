@@ -227,6 +227,11 @@ def files_needed(manifest: Manifest, backend: str, extra: tuple[str, ...] = ()) 
     An unknown backend reads every file the manifest lists."""
     keys = [*BACKEND_FILES.get(backend, tuple(manifest.files)), *extra]
     absent = [key for key in keys if key not in manifest.files]
+    if absent and backend == "ort-training":
+        raise NeqError(
+            "these artifacts have no onnxruntime-training files (prepared where it is not installed); for --backend ort-training "
+            "prepare them again in an environment made with requirements/ort-training.txt, or train with --backend portable"
+        )
     if absent:
         raise NeqError(f"the artifacts' {FILENAME} names no {absent[0]} file, which --backend {backend} reads; re-run `onnx-neq prepare`")
     return [FILENAME, *sorted({manifest.files[key] for key in keys})]

@@ -48,7 +48,7 @@ def _bare_training_package() -> None:
     if spec is None or not spec.submodule_search_locations:
         from .errors import NeqError
 
-        raise NeqError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-training-cpu==1.19.2 to prepare)")
+        raise NeqError("onnxruntime is not installed: pip install onnxruntime")
     pkg = types.ModuleType("onnxruntime.training")
     pkg.__path__ = [os.path.join(spec.submodule_search_locations[0], "training")]
     sys.modules["onnxruntime.training"] = pkg
@@ -66,7 +66,10 @@ def training_api():
     except ImportError:
         from .errors import NeqError
 
-        raise NeqError(f"this needs onnxruntime-training, which is not installed: pip install {TRAINING_WHEEL}") from None
+        raise NeqError(
+            f"this needs onnxruntime-training, which is not installed; it replaces stock onnxruntime, so use a virtualenv of its own "
+            f"({TRAINING_WHEEL}): pip install -r requirements/ort-training.txt && pip install --no-deps onnx-neq"
+        ) from None
     return api
 
 
@@ -89,8 +92,8 @@ def artifacts_module():
         from .errors import NeqError
 
         raise NeqError(
-            f"onnx-neq prepare needs onnxruntime-training's gradient builder, which is not installed here: pip install {TRAINING_WHEEL}; "
-            f"or prepare on such a machine and copy the artifacts here, where `onnx-neq train ARTIFACTS --backend portable` trains them"
+            f"onnxruntime-training's artifacts need onnxruntime-training, which is not installed here ({TRAINING_WHEEL}); "
+            "onnx-neq's own artifacts need only stock onnxruntime"
         ) from None
     return artifacts
 
