@@ -2,7 +2,8 @@
 
 With known shapes, the axes are found here, as ORT's ComputeBroadcastBackwardAxes finds them: every
 leading axis the input lacks, and every axis where the input has 1 and the output does not. Leading
-axes alone reduce with keepdims=0; otherwise ReduceSum(keepdims=1) and a Reshape to the input's shape.
+axes alone reduce with keepdims=0, axes of an input of the same rank with keepdims=1; both kinds
+together with keepdims=1 and a Reshape to the input's shape.
 Where a dim is unknown or two symbolic dims differ, the axes are computed in the graph from the two
 Shapes (standard ops; ORT would emit its own BroadcastGradientArgs there).
 """
@@ -33,7 +34,7 @@ def unbroadcast(g: GradContext, grad: str, like: str, target: str) -> str:
     if axes == list(range(lead)):
         return g.op("ReduceSum", [grad, g.const(axes)], keepdims=0)
     summed = g.op("ReduceSum", [grad, g.const(axes)], keepdims=1)
-    return reshape_to(g, summed, target)
+    return summed if lead == 0 else reshape_to(g, summed, target)  # same rank: keepdims gave the target's shape
 
 
 def reshape_to(g: GradContext, value: str, target: str) -> str:
