@@ -35,6 +35,22 @@
 #                                              difference <= 1e-4) and train/val/test top-1 (equal); prints
 #                                              a side-by-side table, versions, wall times and PASS/FAIL
 #                                              (exit status 0/1); OPTIONS (e.g. --epochs 3) override those
+#   benchmarks/arm64_board.sh prepare-train [OPTIONS...]
+#                                              prepare AND train on the board (stock onnxruntime, no
+#                                              onnxruntime-training: onnx-neq's own gradient builder) and the
+#                                              same on the host: `python -m onnx_neq.cli prepare MODEL
+#                                              --num-classes 10 -o ART` of the shipped MobileNetV2 on each
+#                                              side, then `train ART --backend portable --data npz:FILE
+#                                              --epochs 1 --train-limit 64 --batch-size 16 --warmup-epochs 1
+#                                              --threads 1 OPTIONS...` on each side's own artifacts; both
+#                                              import one snapshot of onnx_neq/ (taken at the start, so edits
+#                                              during the run do not split host and board); compares the
+#                                              artifacts (portable_training_model.onnx and eval_model.onnx
+#                                              byte-identical, eval_model's input order aside, which the
+#                                              host's onnxruntime-training sets; else the same graph;
+#                                              parameters.npz arrays and manifest.json equal) and the
+#                                              training as `train` does; prints tables, versions, wall times
+#                                              and PASS/FAIL (exit status 0/1)
 #   benchmarks/arm64_board.sh info             print paths and versions
 #
 # Cache
@@ -54,6 +70,11 @@
 #   importing onnx_ir (sympy) ~20 s), 166-219 s in all over three runs. Emulation cost, measured:
 #   a pure-python loop ~16x and float32 numpy matmul ~50x slower than natively;
 #   `import onnx_neq.train` (with onnx + onnx-ir in the site) ~12 s.
+#   `prepare-train` (measured with the host busy, load average ~5 on its 2 cores; an idle host is
+#   faster): ~5.5-7.5 min in all; host prepare 10.8-13.0 s, host train 8.0-9.9 s; board prepare
+#   104-127 s (in-process 97-120 s), board train 204-289 s (in-process 198-279 s: 1 epoch of 64
+#   images 45-71 s, the rest imports, session creations, evaluation and exporting model.onnx).
+#   With onnx 1.23.2 in the site, the board's `train` passed as before (309 s, host load ~5).
 #
 # Notes
 #   * qemu -L: the guest sees the host's filesystem, except that a path which exists under
@@ -67,15 +88,21 @@
 #   ONNX_NEQ_BOARD_DIR           cache directory (see above)
 #   ONNX_NEQ_BOARD_MIRROR        Debian mirror for debootstrap/backports
 #                                (default: the deb.debian.org-style mirror in /etc/apt/sources.list*)
-#   ONNX_NEQ_BOARD_WHEELS        wheels for the site (default: "onnxruntime numpy click onnx==1.17.0
-#                                onnx-ir==1.1.0"; onnx and onnx-ir are what onnx_neq's training path
-#                                imports besides the others; they bring protobuf, ml_dtypes, sympy, ...)
-#   ONNX_NEQ_BOARD_EXTRA_WHEELS  more wheels appended to that list (e.g. "onnx==1.17.0 onnx-ir==1.1.0")
+#   ONNX_NEQ_BOARD_WHEELS        wheels for the site (default: "onnxruntime numpy click onnx==1.23.2
+#                                onnx-ir==1.1.0"; onnx and onnx-ir are what onnx_neq's prepare and training
+#                                paths import besides the others; they bring protobuf, ml_dtypes, sympy, ...;
+#                                onnx is the current release, as `pip install onnx-neq` (onnx>=1.17) gets on
+#                                a board; onnx==1.17.0, the reference environment's, passes `prepare-train`
+#                                too, with byte-identical artifacts)
+#   ONNX_NEQ_BOARD_EXTRA_WHEELS  more wheels appended to that list (e.g. "scipy")
 #   ONNX_NEQ_BOARD_TRAIN_DIR     `train`'s work directory (artifacts, digits.npz, hostrun/, boardrun/),
 #                                kept; default: a fresh $BOARD_DIR/train.XXXXXX, removed after a PASS
-#   ONNX_NEQ_BOARD_TEST_IMAGES   test images `train` keeps of digits' 450 (default 150; 0: all)
-#   ONNX_NEQ_BOARD_TRAIN_RTOL    `train`'s train-loss tolerance, relative (default 1e-4)
-#   ONNX_NEQ_BOARD_TOP1_ATOL     `train`'s top-1 tolerance, absolute (default 0: equal)
+#   ONNX_NEQ_BOARD_PREPARE_DIR   `prepare-train`'s work directory (src/ snapshot, hostart/, boardart/,
+#                                digits.npz, hostrun/, boardrun/, logs), kept; default: a fresh
+#                                $BOARD_DIR/prepare.XXXXXX, removed after a PASS
+#   ONNX_NEQ_BOARD_TEST_IMAGES   test images `train`/`prepare-train` keep of digits' 450 (default 150; 0: all)
+#   ONNX_NEQ_BOARD_TRAIN_RTOL    `train`'s/`prepare-train`'s train-loss tolerance, relative (default 1e-4)
+#   ONNX_NEQ_BOARD_TOP1_ATOL     `train`'s/`prepare-train`'s top-1 tolerance, absolute (default 0: equal)
 #   PYTHON                       host python with pip, onnx, onnxruntime(-training), scikit-learn
 #                                (default: python3)
 #
@@ -93,7 +120,7 @@ BOARD_PY=python3.11
 BOARD_PY_VERSION=3.11
 QEMU_MIN_MAJOR=8
 PYTHON="${PYTHON:-python3}"
-DEFAULT_WHEELS="onnxruntime numpy click onnx==1.17.0 onnx-ir==1.1.0"
+DEFAULT_WHEELS="onnxruntime numpy click onnx==1.23.2 onnx-ir==1.1.0"
 BOARD_WHEELS=$(printf '%s %s' "${ONNX_NEQ_BOARD_WHEELS:-$DEFAULT_WHEELS}" "${ONNX_NEQ_BOARD_EXTRA_WHEELS:-}" \
     | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//')  # one space between requirements
 QEMU=""
@@ -262,12 +289,14 @@ ensure_board() {
 
 # board_python ARGS... : the board's python3.11 under qemu, in the current directory.
 # The host environment passes through to the guest (as qemu-user does) minus the host's
-# Python settings; PYTHONPATH is the repository root and then the wheel site.
+# Python settings; PYTHONPATH is the tree holding onnx_neq ($BOARD_SRC: the repository root, or
+# prepare-train's snapshot of it) and then the wheel site.
+BOARD_SRC=$REPO_ROOT
 board_python() {
     [[ -n $QEMU ]] || QEMU=$(qemu_binary)
     [[ -n $QEMU && -x $ROOTFS/usr/bin/$BOARD_PY && -d $SITE ]] || die "board not built; run: $0 setup"
     env -u PYTHONHOME -u PYTHONSTARTUP -u VIRTUAL_ENV -u PYTHONUSERBASE -u LD_LIBRARY_PATH -u LD_PRELOAD \
-        PYTHONPATH="$REPO_ROOT:$SITE" PYTHONNOUSERSITE=1 \
+        PYTHONPATH="$BOARD_SRC:$SITE" PYTHONNOUSERSITE=1 \
         "$QEMU" -L "$ROOTFS" "$ROOTFS/usr/bin/$BOARD_PY" "$@"
 }
 
@@ -373,6 +402,120 @@ cmd_train() {  # cmd_train [extra `onnx-neq train` options]
     return "$rc"
 }
 
+# prepare-train: `onnx-neq prepare` and then `onnx-neq train` on each side, each training its own artifacts.
+PREPARE_ARGS=(--num-classes 10)
+PREPARE_TRAIN_ARGS=(--backend portable --epochs 1 --train-limit 64 --batch-size 16 --warmup-epochs 1 --threads 1)
+
+elapsed() {  # elapsed START (from date +%s.%N): seconds since, one decimal
+    awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
+}
+
+cmd_prepare_train() {  # cmd_prepare_train [extra `onnx-neq train` options]
+    local t=$SECONDS
+    ensure_board
+    local work keep=1
+    if [[ -n ${ONNX_NEQ_BOARD_PREPARE_DIR:-} ]]; then
+        work=$ONNX_NEQ_BOARD_PREPARE_DIR
+        mkdir -p "$work"
+        work=$(cd "$work" && pwd)
+        rm -rf "$work/src" "$work/hostart" "$work/boardart" "$work/digits.npz" "$work/hostrun" "$work/boardrun" \
+            "$work"/{host,board}_{info,prepare}.json "$work"/{host,board}{,_prepare}.log "$work"/.{host,board}art.partial-*
+    else
+        work=$(mktemp -d "$BOARD_DIR/prepare.XXXXXX")
+        keep=0
+    fi
+    need_board_visible "$work"
+    local helper="$SCRIPT_DIR/arm64_board_train.py"
+    # One snapshot of onnx_neq for both sides: the repository's tree may change while the board works.
+    mkdir -p "$work/src"
+    tar -C "$REPO_ROOT" --exclude=__pycache__ -cf - onnx_neq | tar -C "$work/src" -xf -
+    local model="$work/src/onnx_neq/models/mobilenet_v2_035_fmnist04.onnx" dirty
+    dirty=$(git -C "$REPO_ROOT" status --porcelain -- onnx_neq 2>/dev/null | wc -l || echo "?")
+    BOARD_SRC="$work/src"
+    local host_env=(env PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}")
+    log "work directory: $work"
+    echo "onnx_neq: snapshot of $REPO_ROOT/onnx_neq at $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" \
+        "with $dirty uncommitted change(s) under onnx_neq/ (tree hash $(cd "$work/src" && find onnx_neq -type f -print0 | sort -z \
+        | xargs -0 sha256sum | sha256sum | cut -c1-12)) -> $work/src"
+    echo "host: $(uname -m), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start (the board's times scale with it)"
+    echo "board: qemu $("$QEMU" --version | sed -nE '1s/.*version ([^ ]+).*/\1/p'), python $BOARD_PY, site ${SITE##*/} ($(tr '\n' ' ' <"$SITE/.wheels" | sed 's/ $//'))"
+    local pargs=(prepare "$model" "${PREPARE_ARGS[@]}")
+    local rc_hp=0 rc_bp=0 rc_ht=0 rc_bt=0 s t_hp t_bp t_ht t_bt
+    log "host: python -m onnx_neq.cli ${pargs[*]} -o $work/hostart"
+    s=$(date +%s.%N)
+    (cd "$work" && "${host_env[@]}" "$PYTHON" "$helper" run "$work/host_prepare.json" "${pargs[@]}" -o "$work/hostart") \
+        >"$work/host_prepare.log" 2>&1 || rc_hp=$?
+    t_hp=$(elapsed "$s")
+    log "host: exit status $rc_hp, ${t_hp} s (log: $work/host_prepare.log)"
+    log "board: the same with -o $work/boardart (under qemu; ~2.5 min)"
+    s=$(date +%s.%N)
+    (cd "$work" && board_python "$helper" run "$work/board_prepare.json" "${pargs[@]}" -o "$work/boardart") \
+        >"$work/board_prepare.log" 2>&1 || rc_bp=$?
+    t_bp=$(elapsed "$s")
+    log "board: exit status $rc_bp, ${t_bp} s (log: $work/board_prepare.log)"
+    local side
+    for side in host board; do
+        echo "==== $side: python -m onnx_neq.cli ${pargs[*]} -o $work/${side}art"
+        grep -v 'cpuid_info warning' "$work/${side}_prepare.log" || true
+    done
+    echo "==== artifacts, host | board"
+    local rc=0
+    if [[ -f $work/host_prepare.json && -f $work/board_prepare.json ]]; then
+        (cd "$work" && "${host_env[@]}" "$PYTHON" "$helper" artifacts "$work") || rc=$?
+    else
+        echo "a prepare died before writing its info file (host status $rc_hp, board status $rc_bp); see the logs above"
+        rc=1
+    fi
+    if [[ $rc_hp -ne 0 || $rc_bp -ne 0 ]]; then
+        echo "FAIL (prepare: host status $rc_hp, board status $rc_bp)"
+        echo "kept: $work"
+        return 1
+    fi
+    log "host: digits -> $work/digits.npz"
+    (cd "$work" && "${host_env[@]}" "$PYTHON" "$helper" data "$work/digits.npz" "${ONNX_NEQ_BOARD_TEST_IMAGES:-150}") >&2
+    local targs=(--data "npz:$work/digits.npz" "${PREPARE_TRAIN_ARGS[@]}" "$@")
+    log "host: python -m onnx_neq.cli train $work/hostart ${targs[*]} --out $work/hostrun"
+    s=$(date +%s.%N)
+    (cd "$work" && "${host_env[@]}" "$PYTHON" "$helper" run "$work/host_info.json" train "$work/hostart" "${targs[@]}" --out "$work/hostrun") \
+        >"$work/host.log" 2>&1 || rc_ht=$?
+    t_ht=$(elapsed "$s")
+    log "host: exit status $rc_ht, ${t_ht} s (log: $work/host.log)"
+    log "board: python -m onnx_neq.cli train $work/boardart ... --out $work/boardrun (under qemu; ~2 min)"
+    s=$(date +%s.%N)
+    (cd "$work" && board_python "$helper" run "$work/board_info.json" train "$work/boardart" "${targs[@]}" --out "$work/boardrun") \
+        >"$work/board.log" 2>&1 || rc_bt=$?
+    t_bt=$(elapsed "$s")
+    log "board: exit status $rc_bt, ${t_bt} s (log: $work/board.log)"
+    for side in host board; do
+        echo "==== $side: python -m onnx_neq.cli train $work/${side}art ${targs[*]} --out $work/${side}run"
+        grep -v 'cpuid_info warning' "$work/$side.log" || true
+    done
+    echo "==== training, host | board (each on the artifacts it prepared)"
+    local rc_t=0
+    if [[ -f $work/host_info.json && -f $work/board_info.json ]]; then
+        (cd "$work" && "${host_env[@]}" "$PYTHON" "$helper" compare "$work" \
+            "${ONNX_NEQ_BOARD_TRAIN_RTOL:-1e-4}" "${ONNX_NEQ_BOARD_TOP1_ATOL:-0}") || rc_t=$?
+    else
+        echo "a run died before writing its info file (host status $rc_ht, board status $rc_bt); see the logs above"
+        echo "FAIL"
+        rc_t=1
+    fi
+    echo "==== summary"
+    printf '%-8s %12s %12s   (wall seconds with python start-up; the board under qemu-aarch64)\n' "" prepare train
+    printf '%-8s %12s %12s\n' host "$t_hp" "$t_ht" board "$t_bp" "$t_bt"
+    echo "host load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "artifacts: $([[ $rc -eq 0 ]] && echo same || echo DIFFERENT); training: $([[ $rc_t -eq 0 ]] && echo PASS || echo FAIL)"
+    [[ $rc -eq 0 ]] && rc=$rc_t
+    echo "$([[ $rc -eq 0 ]] && echo PASS || echo FAIL)"
+    if [[ $rc -eq 0 && $keep -eq 0 ]]; then
+        CLEANUP_DIRS+=("$work")
+    else
+        echo "kept: $work"
+    fi
+    log "prepare-train done in $((SECONDS - t)) s"
+    return "$rc"
+}
+
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -n '/^# Usage/,/^# Cache/p' | sed '$d; s/^# \{0,1\}//' >&2; }
 
 main() {
@@ -386,9 +529,10 @@ main() {
             ;;
         check) cmd_check ;;
         train) cmd_train "$@" ;;
+        prepare-train) cmd_prepare_train "$@" ;;
         info) cmd_info ;;
         -h | --help | help) usage ;;
-        *) usage; die "unknown subcommand '${cmd}' (setup | python ARGS... | check | train [OPTIONS...] | info)" ;;
+        *) usage; die "unknown subcommand '${cmd}' (setup | python ARGS... | check | train [OPTIONS...] | prepare-train [OPTIONS...] | info)" ;;
     esac
 }
 

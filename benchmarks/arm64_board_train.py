@@ -13,6 +13,16 @@ python arm64_board_train.py compare WORK [RTOL] [TOP1_ATOL]
                                                           RTOL (relative, default 1e-4), train/val/test top-1
                                                           within TOP1_ATOL (default 0: equal); side-by-side table,
                                                           PASS (exit 0) or FAIL (exit 1)
+python arm64_board_train.py artifacts WORK                (host)  `prepare-train`: WORK/{host,board}art (each side's
+                                                          `onnx-neq prepare`) and WORK/{host,board}_prepare.json:
+                                                          portable_training_model.onnx and eval_model.onnx
+                                                          byte-identical (eval_model.onnx: but for the order of its
+                                                          inputs, which the host's onnxruntime-training sets), or
+                                                          else the same graph (node count, op types in order, node
+                                                          inputs/outputs, graph inputs as a set and outputs,
+                                                          initializer names and shapes); parameters.npz and
+                                                          manifest.json (the host's extra onnxruntime-training files
+                                                          aside) equal; PASS (exit 0) or FAIL (exit 1)
 """
 
 from __future__ import annotations
@@ -78,6 +88,8 @@ def run(info_file: str, args: list[str]) -> int:
         "onnxruntime_package": _ort_package(),
         "numpy": _version("numpy"),
         "onnx": _version("onnx"),
+        "onnx_ir": _version("onnx-ir"),
+        "onnx_neq": _module_dir("onnx_neq"),
         "status": status if isinstance(status, int) or status is None else str(status),
         "wall_s": round(wall, 2),
     }
@@ -85,6 +97,12 @@ def run(info_file: str, args: list[str]) -> int:
         json.dump(info, f, indent=1)
     code = 0 if status in (0, None) else (status if isinstance(status, int) else 1)
     return code
+
+
+def _module_dir(name: str) -> str:
+    """Where `name` was imported from (the tree under test), or '' when it was not imported."""
+    module = sys.modules.get(name)
+    return os.path.dirname(getattr(module, "__file__", "") or "") if module else ""
 
 
 def _ort_package() -> str:
@@ -220,6 +238,134 @@ def _compare_models(work: str) -> None:
         print(f"final model.onnx: not compared ({type(exc).__name__}: {exc})")
 
 
+# The files `onnx-neq prepare` writes with stock onnxruntime; the host's onnxruntime-training adds its own.
+PORTABLE_FILES = ("portable_training_model.onnx", "eval_model.onnx", "parameters.npz", "manifest.json")
+ORT_TRAINING_FILES = {"training_model", "optimizer_model", "checkpoint"}
+
+
+def artifacts(work: str) -> int:
+    """`prepare-train`: the artifacts the host and the board prepared, file by file."""
+    infos = {}
+    for side in ("host", "board"):
+        with open(os.path.join(work, f"{side}_prepare.json")) as f:
+            infos[side] = json.load(f)
+    ok = True
+    for side, info in infos.items():
+        print(
+            f"{side:5s}: machine={info['machine']} python={info['python']} onnxruntime={info['onnxruntime']} "
+            f"({info['onnxruntime_package']}) numpy={info['numpy']} onnx={info['onnx']} onnx-ir={info.get('onnx_ir', '?')} "
+            f"prepare wall={info['wall_s']:.1f} s (in-process) status={info['status']}"
+        )
+        if info["status"] not in (0, None):
+            print(f"{side}: prepare failed (exit status {info['status']})")
+            ok = False
+    if infos["board"]["machine"] != "aarch64":
+        print(f"board platform.machine() = {infos['board']['machine']!r}, expected 'aarch64'")
+        ok = False
+    if "training" in infos["board"]["onnxruntime_package"]:
+        print(f"board has {infos['board']['onnxruntime_package']}: it must prepare with stock onnxruntime")
+        ok = False
+    sources = {infos[s].get("onnx_neq", "") for s in infos}
+    print(f"onnx_neq imported from: {' | '.join(sorted(sources))}{'' if len(sources) == 1 else ' (DIFFERENT trees)'}")
+    ok &= len(sources) == 1
+    dirs = {side: os.path.join(work, f"{side}art") for side in ("host", "board")}
+    for side, d in dirs.items():
+        present = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        print(f"{side} artifacts: {', '.join(present) or '(none)'}")
+        missing = [f for f in PORTABLE_FILES if f not in present]
+        if missing:
+            print(f"{side}: prepare wrote no {', '.join(missing)}")
+            ok = False
+    if not ok:
+        print("FAIL")
+        return 1
+    print()
+    print(f"{'file':30s} {'host bytes':>11} {'board bytes':>11}  result")
+    for name in PORTABLE_FILES:
+        h, b = (os.path.join(dirs[s], name) for s in ("host", "board"))
+        with open(h, "rb") as fh, open(b, "rb") as fb:
+            same_bytes = fh.read() == fb.read()
+        if same_bytes:
+            good, detail = True, "byte-identical"
+        elif name.endswith(".onnx"):
+            good, detail = _same_graph(h, b)
+        elif name.endswith(".npz"):
+            good, detail = _same_npz(h, b)
+        else:
+            good, detail = _same_manifest(h, b)
+        ok &= good
+        print(f"{name:30s} {os.path.getsize(h):>11,} {os.path.getsize(b):>11,}  {'' if good else 'NO: '}{detail}")
+    print()
+    print("artifacts: " + ("the same" if ok else "DIFFERENT"))
+    return 0 if ok else 1
+
+
+def _same_graph(host: str, board: str) -> tuple[bool, str]:
+    """Not byte-identical: the same graph? (structure must agree; differing initializer values are reported)"""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    h, b = onnx.load(host), onnx.load(board)
+    hn, bn = h.graph.node, b.graph.node
+    if len(hn) != len(bn):
+        return False, f"{len(hn)} nodes on the host, {len(bn)} on the board"
+    for i, (x, y) in enumerate(zip(hn, bn)):
+        if (x.op_type, x.domain, list(x.input), list(x.output)) != (y.op_type, y.domain, list(y.input), list(y.output)):
+            return False, f"node {i} differs: host {x.op_type} {x.name!r}, board {y.op_type} {y.name!r}"
+    if [v.name for v in h.graph.output] != [v.name for v in b.graph.output]:
+        return False, "graph outputs differ"
+    h_inputs, b_inputs = [v.name for v in h.graph.input], [v.name for v in b.graph.input]
+    if sorted(h_inputs) != sorted(b_inputs):
+        return False, "graph inputs differ"
+    if h_inputs != b_inputs:
+        # The host's onnxruntime-training puts eval_model.onnx's inputs in its own order (onnx_neq.artifacts.
+        # _match_input_order); the portable backends feed by name. In the board's order, the same bytes?
+        order = {name: i for i, name in enumerate(b_inputs)}
+        inputs = sorted(h.graph.input, key=lambda v: order[v.name])
+        copies = [onnx.ValueInfoProto() for _ in inputs]
+        for copy, v in zip(copies, inputs):
+            copy.CopyFrom(v)
+        del h.graph.input[:]
+        h.graph.input.extend(copies)
+        if h.SerializeToString() == b.SerializeToString():
+            return True, "byte-identical but for the order of the inputs (the host's is onnxruntime-training's)"
+    hi = {t.name: numpy_helper.to_array(t) for t in h.graph.initializer}
+    bi = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    if hi.keys() != bi.keys() or any(hi[k].shape != bi[k].shape or hi[k].dtype != bi[k].dtype for k in hi):
+        return False, "initializer names, shapes or dtypes differ"
+    values = sum(not np.array_equal(hi[k], bi[k]) for k in hi)
+    attrs = sum(list(x.attribute) != list(y.attribute) for x, y in zip(hn, bn))
+    meta = "" if (h.opset_import, h.ir_version) == (b.opset_import, b.ir_version) else "; opset/IR version differ"
+    return (
+        True,
+        f"same graph ({len(hn)} nodes, {len(hi)} initializers), not byte-identical: {values} initializer values and {attrs} node attribute lists differ{meta}",
+    )
+
+
+def _same_npz(host: str, board: str) -> tuple[bool, str]:
+    import numpy as np
+
+    with np.load(host) as h, np.load(board) as b:
+        if sorted(h.files) != sorted(b.files):
+            return False, "array names differ"
+        differ = [k for k in h.files if h[k].shape != b[k].shape or h[k].dtype != b[k].dtype or not np.array_equal(h[k], b[k])]
+        if differ:
+            return False, f"{len(differ)} of {len(h.files)} arrays differ (e.g. {differ[0]})"
+        return True, f"all {len(h.files)} arrays equal (the .npz bytes differ: zip timestamps)"
+
+
+def _same_manifest(host: str, board: str) -> tuple[bool, str]:
+    with open(host) as fh, open(board) as fb:
+        h, b = json.load(fh), json.load(fb)
+    extra = sorted(k for k in h.get("files", {}) if k not in b.get("files", {}))
+    h["files"] = {k: v for k, v in h.get("files", {}).items() if k not in ORT_TRAINING_FILES}
+    if h == b:
+        return True, f"equal but for the host's onnxruntime-training files ({', '.join(extra) or 'none'})"
+    keys = sorted(k for k in set(h) | set(b) if h.get(k) != b.get(k))
+    return False, f"differs in {', '.join(keys)}"
+
+
 def main() -> int:
     argv = sys.argv[1:]
     mode = argv[0] if argv else ""
@@ -230,6 +376,8 @@ def main() -> int:
         return run(argv[1], argv[2:])
     if mode == "compare" and len(argv) in (2, 3, 4):
         return compare(argv[1], float(argv[2]) if len(argv) > 2 else RTOL, float(argv[3]) if len(argv) > 3 else TOP1_ATOL)
+    if mode == "artifacts" and len(argv) == 2:
+        return artifacts(argv[1])
     print(__doc__, file=sys.stderr)
     return 2
 
