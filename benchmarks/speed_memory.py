@@ -9,7 +9,7 @@ never share one. Each measurement runs in its own process so peak resident memor
 framework's alone. All use the same number of threads.
 
     python -m venv /tmp/venv-stock
-    /tmp/venv-stock/bin/pip install onnxruntime numpy click onnx==1.17.0 onnx-ir==1.1.0 onnxscript==0.7.2
+    /tmp/venv-stock/bin/pip install onnxruntime numpy click onnx==1.17.0 onnx-ir==1.1.0
     /tmp/venv-stock/bin/pip install --no-deps -e .
     python benchmarks/speed_memory.py --stock-python /tmp/venv-stock/bin/python   # MobileNetV2 and ResNet-18 at 128 px, batch 8 and 32
     python benchmarks/speed_memory.py --quick --stock-python /tmp/venv-stock/bin/python   # one small case, to check the script

@@ -37,7 +37,7 @@ def test_stock_onnxruntime_prepares_and_trains(tiny_onnx, tiny_artifacts, tmp_pa
     """pip install of the package alone: stock onnxruntime and the newest onnx, no onnxruntime-training; prepare
     writes the portable artifacts with onnx-neq's gradient builder, train runs them (and artifacts prepared
     in the reference environment), and `--backend ort-training` is one line naming the reference setup."""
-    python = _venv(tmp_path / "venv", str(ROOT))
+    python = _venv(tmp_path / "venv", f"{ROOT}[report]")
     probe = subprocess.run(
         [str(python), "-c", "import onnxruntime, importlib.util as u; print(onnxruntime.__version__, u.find_spec('onnxruntime.training'))"],
         capture_output=True,
@@ -57,6 +57,35 @@ def test_stock_onnxruntime_prepares_and_trains(tiny_onnx, tiny_artifacts, tmp_pa
     )
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1 and "onnxruntime-training" in lines[0], refused.stderr
+    _everything_readme_shows(tmp_path, data)
+
+
+def _everything_readme_shows(tmp_path: Path, data: Path) -> None:
+    """On stock onnxruntime: the shipped model prepared, trained with every selector and both cost models
+    (tiny runs), then eval, export-inference, compare and report."""
+    art = tmp_path / "shipped"
+    prepared = _cli(tmp_path, "prepare", str(ROOT / "onnx_neq" / "models" / "mobilenet_v2_035_fmnist04.onnx"), "-o", str(art), cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    small = ["--data", f"npz:{data}", "--epochs", "2", "--warmup-epochs", "1", "--train-limit", "64", "--batch-size", "16"]
+    variants = {s: ["--selector", s] for s in ("velocity", "random", "su", "full", "neq", "gradnorm", "fisher")}
+    variants.update({"compute": ["--cost", "compute"], "memory": ["--cost", "memory"]})
+    for name, options in variants.items():
+        run = _cli(tmp_path, "train", str(art), *small, *options, "--out", str(tmp_path / "runs" / name), cwd=tmp_path)
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+    evaluated = _cli(tmp_path, "eval", str(tmp_path / "runs" / "velocity"), "--data", f"npz:{data}", cwd=tmp_path)
+    assert evaluated.returncode == 0 and "top-1" in evaluated.stdout, evaluated.stderr
+    exported = _cli(tmp_path, "export-inference", str(art), "-o", str(tmp_path / "inference.onnx"), cwd=tmp_path)
+    assert exported.returncode == 0 and (tmp_path / "inference.onnx").exists(), exported.stderr
+    compared = _cli(
+        tmp_path, "compare", str(art), "--methods", "velocity,random", "--budget-ratios", "0.3", "--seeds", "0", "--epochs", "1",
+        "--train-limit", "64", "--batch-size", "16", "--warmup-epochs", "0", "--data", f"npz:{data}", "--out", str(tmp_path / "compare"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    reported = _cli(
+        tmp_path, "report", *(str(tmp_path / "runs" / n) for n in ("velocity", "random")), "--out", str(tmp_path / "report"), cwd=tmp_path
+    )
+    assert reported.returncode == 0 and any((tmp_path / "report").glob("*.png")), reported.stderr
 
 
 def test_non_editable_install_carries_the_shipped_model(tmp_path):
