@@ -60,6 +60,7 @@ def test_compare_command_line(tiny_artifacts, tmp_path):
     assert (out / "report" / "accuracy-vs-step.png").exists()
 
 
+@pytest.mark.reference
 def test_a_cost_model_variant_is_its_own_method_and_budget_unit(tiny_artifacts, tmp_path):
     """`random[cost=compute]` trains on the specialised backend within 30% of the backward MACs, and the
     report keeps it apart from the parameter-budgeted run (results.csv: method label and cost column)."""
@@ -102,6 +103,7 @@ def test_a_run_that_cannot_start_is_reported_and_the_others_still_run(tiny_artif
     assert [r["budget"] for r in rows] == ["30.0%"]
 
 
+@pytest.mark.reference
 def test_report_keeps_backends_apart_and_refuses_a_run_given_twice(tiny_artifacts, tmp_path):
     import pytest
 

@@ -214,6 +214,7 @@ def test_exploding_loss_stops_the_run_with_exit_3(tiny_artifacts, tmp_path):
     assert RunDir(tmp_path / "run").metrics() == []
 
 
+@pytest.mark.reference
 def test_divergence_after_good_epochs_keeps_them_and_their_model(tiny_artifacts, tmp_path, monkeypatch):
     """A NaN loss in epoch 2: epochs 0-1 stay committed, model.onnx comes from the best of them."""
     calls = {"n": 0}

@@ -177,7 +177,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_neq.cli", *args]
 
 
-@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+@pytest.mark.parametrize("backend", [pytest.param("ort-training", marks=pytest.mark.reference), "portable"])
 def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_path):
     """SIGKILL the real command after 3 of its 30 epochs (an epoch is most of the time, so almost
     surely in the middle of one), resume, compare with an uninterrupted run."""

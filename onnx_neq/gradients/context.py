@@ -28,6 +28,7 @@ class GradContext(Builder):
         self.forward = node
         self._dys, self._needs, self._constants = dys, needs, constants
         self.grads: dict[int, str] = {}
+        self.saved: dict[str, tuple[str, str]] = {}  # training-mode BatchNorm node -> (batch mean, inverse std)
 
     # -- the forward node ------------------------------------------------------------------
     def x(self, i: int) -> str:
