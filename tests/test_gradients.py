@@ -477,3 +477,21 @@ def test_shipped_model_matches_float64_torch(tmp_path, rng):
     prepare(SHIPPED, tmp_path / "art")
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     _check_sgd_step_matches_torch("portable", tmp_path / "art", model, x, rng.integers(0, 5, 4), lr=0.05, frozen_bn=True)
+
+
+def test_control_flow_on_a_gradient_path_is_named(rng):
+    """An If whose branch reads an activation from the enclosing graph: the gradient would have to pass through
+    it, so the If is named, not given a zero gradient."""
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["out"])], "branch", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        _node("Conv", ["x", "w"], ["c"]),
+        _node("ReduceSum", ["x"], ["total"], keepdims=0),
+        _node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["h"], name="if_h", then_branch=branch, else_branch=branch),
+    ]
+    inits = {"w": _w(rng, 2, 2, 1, 1), "zero": np.array(0.0, np.float32)}
+    model, params = _model(nodes, inits, (N, 2, 2, 2), 8, rng)
+    with pytest.raises(NeqError, match=r"If \(nodes 'if_h'\)"):
+        build_training_model(model, ["w", "fc.w", "fc.b"], ["zero"], [], "logits", "labels")

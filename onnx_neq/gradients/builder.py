@@ -122,12 +122,13 @@ class _Build:
         for node in self.graph.node:
             if node.op_type in NO_GRADIENT:
                 continue
-            if any(node.input[i] in requires for i in _differentiable(node)):
+            if any(node.input[i] in requires for i in _differentiable(node)) or _outer_values(node) & requires:
                 requires.update(o for o in _float_outputs(node, self.shapes))
         useful = {self.loss}
         for node in reversed(self.graph.node):
             if node.op_type not in NO_GRADIENT and any(o in useful for o in node.output if o):
                 useful.update(node.input[i] for i in _differentiable(node))
+                useful.update(_outer_values(node))
         return requires & useful
 
     def _refuse_missing_rules(self, need: set[str]) -> None:
@@ -338,6 +339,18 @@ def _differentiable(node: onnx.NodeProto) -> list[int]:
     rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     indices = rule.inputs if rule is not None and rule.inputs is not None else range(len(node.input))
     return [i for i in indices if i < len(node.input) and node.input[i]]
+
+
+def _outer_values(node: onnx.NodeProto) -> set[str]:
+    """Values of the enclosing graph that a control-flow node's subgraphs read (its implicit inputs)."""
+    found: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+            for inner in sub.node:
+                found.update(i for i in inner.input if i and i not in defined)
+                found.update(_outer_values(inner) - defined)
+    return found
 
 
 def _float_outputs(node: onnx.NodeProto, shapes) -> list[str]:
