@@ -193,7 +193,8 @@ class _Build:
         counts: collections.Counter[str] = collections.Counter()
         for node in reversed(self.graph.node):
             dys = [self._accumulated(o, contributions, nodes) if o in contributions else None for o in node.output]
-            needs = [bool(i in _differentiable(node) and node.input[i] in need) for i in range(len(node.input))]
+            differentiable = _differentiable(node)
+            needs = [i in differentiable and node.input[i] in need for i in range(len(node.input))]
             if not any(dys) or not any(needs):
                 continue
             g = GradContext(node, dys, needs, self.shapes, self.producers, self.names, self.constants)
@@ -371,7 +372,8 @@ def _assemble(graph, forward, params: list[str], nodes, outputs, new_inits, labe
     param_inputs = [helper.make_tensor_value_info(p, initializers[p].data_type, list(initializers[p].dims)) for p in params]
     live = _live(list(nodes), [o.name for o in outputs])
     used = {i for n in live for i in n.input} | {o.name for o in outputs}
-    kept = [t for name, t in initializers.items() if name in used and name not in set(params)]
+    param_set = set(params)
+    kept = [t for name, t in initializers.items() if name in used and name not in param_set]
     inputs = [*data_inputs, _label_info(label_input), *extra_inputs, *param_inputs]
     out_graph = helper.make_graph(live, graph.name or "training", inputs, outputs, kept)
     model = helper.make_model(out_graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
