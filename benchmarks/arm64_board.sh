@@ -69,7 +69,7 @@
 #   ~10 s, 4+2 session creations ~35 s, two epochs ~95-110 s, exporting model.onnx ~45 s of which
 #   importing onnx_ir (sympy) ~20 s), 166-219 s in all over three runs. Emulation cost, measured:
 #   a pure-python loop ~16x and float32 numpy matmul ~50x slower than natively;
-#   `import onnx_neq.train` (with onnx + onnx-ir in the site) ~12 s.
+#   `import onnx_neq.training.train` (with onnx + onnx-ir in the site) ~12 s.
 #   `prepare-train` (measured with the host busy, load average ~5 on its 2 cores; an idle host is
 #   faster): ~5.5-7.5 min in all; host prepare 10.8-13.0 s, host train 8.0-9.9 s; board prepare
 #   104-127 s (in-process 97-120 s), board train 204-289 s (in-process 198-279 s: 1 epoch of 64

@@ -43,7 +43,7 @@ TOP1_ATOL = 0.0
 def data(file: str, test_images: int = 0) -> None:
     import numpy as np
 
-    from onnx_neq.data import load_dataset
+    from onnx_neq.data.datasets import load_dataset
 
     d = load_dataset("digits")
     x_test, y_test = d.test.images, d.test.labels
@@ -319,7 +319,7 @@ def _same_graph(host: str, board: str) -> tuple[bool, str]:
     if sorted(h_inputs) != sorted(b_inputs):
         return False, "graph inputs differ"
     if h_inputs != b_inputs:
-        # The host's onnxruntime-training puts eval_model.onnx's inputs in its own order (onnx_neq.artifacts.
+        # The host's onnxruntime-training puts eval_model.onnx's inputs in its own order (onnx_neq.graph.artifacts.
         # _match_input_order); the portable backends feed by name. In the board's order, the same bytes?
         order = {name: i for i, name in enumerate(b_inputs)}
         inputs = sorted(h.graph.input, key=lambda v: order[v.name])

@@ -22,8 +22,8 @@ from onnx.utils import Extractor
 from onnx_neq.architectures import build
 from onnx_neq.backends.base import open_backend
 from onnx_neq.export import export
+from onnx_neq.graph.prepare import prepare
 from onnx_neq.ort_runtime import inference_session
-from onnx_neq.prepare import prepare
 
 
 def _relu_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

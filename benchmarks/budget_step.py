@@ -135,7 +135,7 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path]
 
     from onnx_neq.architectures import build
     from onnx_neq.export import export
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     torch.manual_seed(0)
     weights = workdir / f"{arch}.pth"
@@ -148,7 +148,7 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path]
 def velocity_scores(artifacts: Path, resolution: int) -> np.ndarray:
     """Velocity after a short first "epoch": taps of 16 images before and after 3 SGD steps, one update."""
     from onnx_neq.backends.base import open_backend
-    from onnx_neq.velocity import VelocityState, layer_phi
+    from onnx_neq.selection.velocity import VelocityState, layer_phi
 
     backend = open_backend("ort-training", artifacts)
     layers = backend.manifest.layers
@@ -163,19 +163,19 @@ def velocity_scores(artifacts: Path, resolution: int) -> np.ndarray:
 
 def velocity_selection(artifacts: Path, velocity: np.ndarray, ratio: float, cost: str, batch: int) -> np.ndarray:
     """Greedy |velocity| per cost to `ratio` of the cost model's total, as `train --cost COST` selects."""
-    from onnx_neq.cost_model import cost_model, greedy_fill
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selectors import velocity_ranking
+    from onnx_neq.selection.cost_model import cost_model, greedy_fill
+    from onnx_neq.selection.selectors import velocity_ranking
 
     model = cost_model(cost, read_manifest(artifacts), "always" if cost == "params" else "selected", batch)
     return greedy_fill(velocity_ranking(velocity, model.per_neuron), model, int(model.total * ratio))
 
 
 def su_selection(artifacts: Path, ratio: float) -> np.ndarray:
-    from onnx_neq.artifacts import FILES
+    from onnx_neq.graph.artifacts import FILES
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selectors import greedy, select_su
-    from onnx_neq.su_schemes import MOBILENET_V2_CONVS, load_su_scheme
+    from onnx_neq.selection.schemes import MOBILENET_V2_CONVS, load_su_scheme
+    from onnx_neq.selection.selectors import greedy, select_su
 
     manifest = read_manifest(artifacts)
     params = np.load(artifacts / FILES["parameters"])
@@ -193,9 +193,9 @@ def counts(artifacts: Path, selected: np.ndarray, method: str) -> tuple[int, int
     """(backward MACs per image, trained parameters) of `method` at the selection, from the graphs."""
     import onnx
 
-    from onnx_neq.backends.specialize import full_backward_macs, layer_states, specialize
+    from onnx_neq.graph.specialize import full_backward_macs, layer_states, specialize
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selectors import split_by_layer
+    from onnx_neq.selection.selectors import split_by_layer
 
     manifest = read_manifest(artifacts)
     layers = manifest.layers
@@ -268,7 +268,7 @@ def measure(args) -> list[dict]:
 
 def _save_masks(artifacts: Path, selected: np.ndarray, path: Path) -> None:
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selectors import split_by_layer
+    from onnx_neq.selection.selectors import split_by_layer
 
     layers = read_manifest(artifacts).layers
     masks = split_by_layer(selected, [layer.out_channels for layer in layers])

@@ -29,15 +29,15 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnx_neq import artifacts  # noqa: E402
-from onnx_neq.gradients import build_eval_model, build_training_model  # noqa: E402
-from onnx_neq.lowering import lower_training_model  # noqa: E402
+from onnx_neq.graph import artifacts  # noqa: E402
+from onnx_neq.graph.gradients import build_eval_model, build_training_model  # noqa: E402
+from onnx_neq.graph.lowering import lower_training_model  # noqa: E402
 from onnx_neq.ort_runtime import inference_session, session_options  # noqa: E402
 
 
 def _captured_inputs(model_path: Path, work: Path) -> dict:
     """The arguments prepare passes to artifacts.generate for `model_path`."""
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     captured = {}
     original = artifacts.generate
@@ -65,9 +65,9 @@ def _new(c: dict, out: Path) -> Path:
 
 
 def _old(c: dict, out: Path) -> Path:
+    from onnx_neq.graph.passes.batchnorm_statistics import BatchNormStatisticsPass
+    from onnx_neq.graph.passes.gradient_masks import GradientMaskPass
     from onnx_neq.ort_runtime import captured_native_stderr, training_api
-    from onnx_neq.passes.batchnorm_statistics import BatchNormStatisticsPass
-    from onnx_neq.passes.gradient_masks import GradientMaskPass
 
     ort_dir = out / "ort"
     artifacts._generate_ort_artifacts(c["model"], c["groups"], artifacts._optimizer_block("sgd", 0.0), ort_dir, c["logits"])

@@ -44,8 +44,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _select(taps, taps_prev, names, costs, budget, state):
-    from onnx_neq.selectors import select_velocity
-    from onnx_neq.velocity import layer_phi
+    from onnx_neq.selection.selectors import select_velocity
+    from onnx_neq.selection.velocity import layer_phi
 
     phi = layer_phi(taps, taps_prev, names)
     velocity = state.update(phi)
@@ -55,7 +55,7 @@ def _select(taps, taps_prev, names, costs, budget, state):
 def worker_backend(args) -> dict:
     from onnx_neq.backends.base import open_backend
     from onnx_neq.ort_runtime import onnxruntime
-    from onnx_neq.velocity import VelocityState
+    from onnx_neq.selection.velocity import VelocityState
 
     session = open_backend(args.backend, args.artifacts, threads=args.threads)
     names = [layer.name for layer in session.manifest.layers]
@@ -92,7 +92,7 @@ def worker_torch(args) -> dict:
     import torch
 
     from onnx_neq.architectures import build
-    from onnx_neq.velocity import VelocityState
+    from onnx_neq.selection.velocity import VelocityState
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build(args.arch, num_classes=10, width_mult=1.0)
@@ -149,9 +149,9 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path,
 
     from onnx_neq.architectures import build
     from onnx_neq.export import export
+    from onnx_neq.graph.prepare import prepare
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.prepare import prepare
-    from onnx_neq.selectors import select_random, split_by_layer
+    from onnx_neq.selection.selectors import select_random, split_by_layer
 
     torch.manual_seed(0)
     weights = workdir / f"{arch}.pth"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from .backends.base import BACKENDS
-from .cost_model import KINDS as COST_KINDS
-from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
-from .selector_registry import FIRST_EPOCH_RULES, RANK_COSTS, SELECTORS
-from .velocity import PHI_MODES
+from onnx_neq.backends.base import BACKENDS
+from onnx_neq.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
+from onnx_neq.selection.cost_model import KINDS as COST_KINDS
+from onnx_neq.selection.registry import FIRST_EPOCH_RULES, RANK_COSTS, SELECTORS
+from onnx_neq.selection.velocity import PHI_MODES
 
 
 class _Group(click.Group):
@@ -79,7 +79,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Input normalization std, recorded for prepare.")
 def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean, std) -> None:
     """Export a torchvision-shaped CNN to an ONNX file that ORT training accepts (needs torch)."""
-    from .export import export as run_export
+    from onnx_neq.export import export as run_export
 
     report = run_export(
         arch, output, weights, num_classes, resolution, width_mult, bn, mean=_floats(mean, "--mean"), std=_floats(std, "--std")
@@ -111,8 +111,8 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
 @click.option("--input-shape", default=None, help="N,C,H,W to fix dynamic input dims (the batch stays dynamic), e.g. 1,3,224,224.")
 def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed, input_shape) -> None:
     """Make training artifacts (gradient graph with per-channel masks, activation taps, manifest)."""
-    from .prepare import prepare as run_prepare
-    from .summary import manifest_summary, prepare_changes
+    from onnx_neq.graph.prepare import prepare as run_prepare
+    from onnx_neq.results.summary import manifest_summary, prepare_changes
 
     report = run_prepare(
         model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay, num_classes, seed, _ints(input_shape)
@@ -132,7 +132,7 @@ def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, see
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="Backend whose checkpoint format --checkpoint has.")
 def export_inference(artifacts_dir, output, checkpoint, backend) -> None:
     """Write an inference model (logits only: no masks, no taps, no loss) from artifacts."""
-    from .backends.base import open_backend
+    from onnx_neq.backends.base import open_backend
 
     if checkpoint is not None and not checkpoint.exists():
         raise NeqError(f"checkpoint {checkpoint} does not exist")
@@ -143,7 +143,7 @@ def export_inference(artifacts_dir, output, checkpoint, backend) -> None:
 
 
 def _classes(text: str | None) -> list[int] | None:
-    from .data import parse_classes
+    from onnx_neq.data.datasets import parse_classes
 
     return parse_classes(text) if text is not None else None
 
@@ -278,8 +278,8 @@ def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
     With no arguments: the shipped MobileNetV2 0.35 (pretrained on Fashion-MNIST classes 0-4)
     fine-tuned on digits at 30.8% of its selectable parameters with the velocity selector.
     """
-    from .summary import train_summary
-    from .train import TrainConfig, train
+    from onnx_neq.results.summary import train_summary
+    from onnx_neq.training.train import TrainConfig, train
 
     if resume and out is None:
         raise NeqError("--resume needs --out RUN_DIR, the run to continue")
@@ -307,13 +307,13 @@ def _given(ctx: click.Context, name: str) -> bool:
 
 def _default_artifacts(data: str, classes: list[int] | None) -> Path:
     """./artifacts when `onnx-neq prepare` wrote it here, else the shipped model (head fitted to the data)."""
-    from .default_model import default_artifacts, local_artifacts
+    from onnx_neq.training.default_model import default_artifacts, local_artifacts
 
     return local_artifacts() or default_artifacts(_count_classes(data, classes))
 
 
 def _count_classes(data: str, classes: list[int] | None) -> int:
-    from .data import load_dataset
+    from onnx_neq.data.datasets import load_dataset
 
     return len(classes) if classes else load_dataset(data).num_classes
 
@@ -377,7 +377,7 @@ def _start_lines(info: dict) -> list[str]:
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 def eval_command(model, data, classes, split) -> None:
     """Top-1 of an inference model written by `onnx-neq train` (MODEL or RUN_DIR)."""
-    from .evaluate import evaluate
+    from onnx_neq.training.evaluate import evaluate
 
     if model.is_dir():
         model = model / "model.onnx"
@@ -407,8 +407,8 @@ def eval_command(model, data, classes, split) -> None:
 @_recipe_options
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
     """Run selectors x budgets x seeds on each data set; write the paper-shaped table and plots."""
-    from .compare import CompareConfig, compare
-    from .default_model import default_artifacts
+    from onnx_neq.results.compare import CompareConfig, compare
+    from onnx_neq.training.default_model import default_artifacts
 
     def artifacts_for(data: str) -> str:
         return str(artifacts_dir) if artifacts_dir else str(default_artifacts(_count_classes(data, None)))
@@ -465,7 +465,7 @@ class _CompareProgress(_Progress):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the table and plots.")
 def report_command(runs, out) -> None:
     """Table (Markdown, CSV) and plots (PNG) from existing run directories."""
-    from .report import write_report
+    from onnx_neq.results.report import write_report
 
     files = write_report(list(runs), out)
     click.echo(files["markdown"].read_text())

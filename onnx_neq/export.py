@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NeqError
+from onnx_neq.errors import NeqError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def export(
     """Build `arch`, load `weights`, and write a trainable ONNX model to `output`."""
     import torch
 
-    from .architectures import build
+    from onnx_neq.architectures import build
 
     torch.manual_seed(seed)
     model = build(arch, num_classes, width_mult)
@@ -181,8 +181,8 @@ def _check_against_ort(path: Path, x, reference) -> float:
     import numpy as np
     import onnx
 
-    from .inference import to_inference_model
-    from .ort_runtime import inference_session
+    from onnx_neq.graph.inference import to_inference_model
+    from onnx_neq.ort_runtime import inference_session
 
     model = to_inference_model(onnx.load(str(path)))
     out = inference_session(model).run(None, {INPUT_NAME: x})[0]

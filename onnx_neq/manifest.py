@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 
-from .errors import NeqError
-from .typed_json import build, read_json
+from onnx_neq.errors import NeqError
+from onnx_neq.typed_json import build, read_json
 
 FORMAT = "onnx-neq-manifest"
 VERSION = 1
@@ -270,3 +270,15 @@ def _hash_file(digest, path: Path, files: list[str]) -> None:
         raise NeqError(
             f"{path} {why}; this run reads {', '.join(files)} of the artifacts: copy it from the folder `onnx-neq prepare` wrote"
         ) from None
+
+
+def artifact_model(directory: str | Path, manifest: Manifest, key: str) -> Path:
+    """The ONNX file `key` of an artifacts folder, checked before ONNX Runtime opens it: inside the folder
+    (links included), every tensor holding the bytes it declares, external weights inside the folder."""
+    from onnx_neq.model_io import check_model_file
+
+    if key not in manifest.files:
+        raise NeqError(f"{directory}: the manifest names no {key} file; re-run `onnx-neq prepare`")
+    path = artifact_path(directory, manifest.files[key])
+    check_model_file(path, Path(directory), "re-run `onnx-neq prepare`")
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from .errors import NeqError
+from onnx_neq.errors import NeqError
 
 MAX_IR_VERSION = 10  # what onnxruntime-training 1.19.2 reads
 

@@ -46,7 +46,7 @@ def _bare_training_package() -> None:
         return
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
-        from .errors import NeqError
+        from onnx_neq.errors import NeqError
 
         raise NeqError("onnxruntime is not installed: pip install onnxruntime")
     pkg = types.ModuleType("onnxruntime.training")
@@ -64,7 +64,7 @@ def training_api():
     try:
         from onnxruntime.training import api
     except ImportError:
-        from .errors import NeqError
+        from onnx_neq.errors import NeqError
 
         raise NeqError(
             f"this needs onnxruntime-training, which is not installed; it replaces stock onnxruntime, so use a virtualenv of its own "
@@ -89,7 +89,7 @@ def artifacts_module():
     try:
         from onnxruntime.training import artifacts
     except ImportError:
-        from .errors import NeqError
+        from onnx_neq.errors import NeqError
 
         raise NeqError(
             f"onnxruntime-training's artifacts need onnxruntime-training, which is not installed here ({TRAINING_WHEEL}); "
@@ -107,7 +107,7 @@ def inference_session(model, threads: int = 0):
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        from .errors import NeqError, first_line
+        from onnx_neq.errors import NeqError, first_line
 
         raise NeqError(
             f"ONNX Runtime cannot load the model ({first_line(exc)}); it is damaged or not a valid ONNX classifier, re-export it"

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import NeqError
+from onnx_neq.errors import NeqError
 
 MAX_JSON_BYTES = 64 << 20  # no settings file or manifest of ours comes near this
 

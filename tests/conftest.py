@@ -114,7 +114,7 @@ def tiny_frozen_bn_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_onnx, tmp_path_factory) -> Path:
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     out = tmp_path_factory.mktemp("tiny_art") / "sgd"
     prepare(tiny_onnx[0], out)
@@ -124,7 +124,7 @@ def tiny_artifacts(tiny_onnx, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def frozen_bn_artifacts(tiny_frozen_bn_onnx, tmp_path_factory) -> dict[str, Path]:
     """SGD and AdamW (weight decay 0.1) artifacts of the frozen-BatchNorm tiny model."""
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     root = tmp_path_factory.mktemp("tiny_art")
     prepare(tiny_frozen_bn_onnx, root / "sgd")

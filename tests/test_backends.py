@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from onnx_neq.backends.base import open_backend
-from onnx_neq.prepare import prepare
+from onnx_neq.graph.prepare import prepare
 
 ZOO = sorted((__import__("pathlib").Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 
@@ -56,7 +56,7 @@ def test_with_masks(frozen_bn_artifacts, rng):
 
 
 def test_shipped_model(rng):
-    from onnx_neq.default_model import default_artifacts
+    from onnx_neq.training.default_model import default_artifacts
 
     artifacts = default_artifacts(5)
     assert_same_step(artifacts, *_batch(artifacts, 8, rng))

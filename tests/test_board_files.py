@@ -15,13 +15,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnx_neq.backends.specialize import channel_inputs, layer_states, specialize
 from onnx_neq.cli import main
 from onnx_neq.errors import NeqError
+from onnx_neq.graph.specialize import channel_inputs, layer_states, specialize
 from onnx_neq.manifest import read_manifest
 from onnx_neq.ort_runtime import inference_session
-from onnx_neq.run_dir import RunDir
-from onnx_neq.train import TrainConfig, train
+from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.train import TrainConfig, train
 
 BOARD_FILES = ("manifest.json", "portable_training_model.onnx", "eval_model.onnx", "parameters.npz")
 TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds"}  # wall-clock columns
@@ -89,7 +89,7 @@ def _rows(run: RunDir) -> list[dict]:
 
 def _reference_macs(artifacts: Path, run: RunDir, backend: str) -> list[int]:
     """Backward MACs per epoch from ORT's training_model.onnx of the full artifacts folder."""
-    from onnx_neq.backends.specialize import full_backward_macs
+    from onnx_neq.graph.specialize import full_backward_macs
 
     manifest = read_manifest(artifacts)
     if backend == "portable":
@@ -167,7 +167,7 @@ def test_a_missing_file_is_one_error_naming_it_before_anything_is_written(tiny_a
 @pytest.mark.parametrize("which", ["tiny", "frozen_bn"])
 def test_the_graph_from_the_portable_model_specialises_like_orts(which, tiny_artifacts, frozen_bn_artifacts, rng):
     """Every state of every layer, both BatchNorm updates: the same graph outputs, bit for bit, and the same report."""
-    from onnx_neq.backends.specialize import training_graph_from_portable
+    from onnx_neq.graph.specialize import training_graph_from_portable
 
     artifacts = tiny_artifacts if which == "tiny" else frozen_bn_artifacts["sgd"]
     manifest = read_manifest(artifacts)
@@ -192,9 +192,9 @@ def test_the_graph_from_the_portable_model_specialises_like_orts(which, tiny_art
 
 def test_the_shipped_mobilenet_specialises_from_the_portable_model_like_from_orts(tmp_path_factory, rng):
     """Depthwise, strided and pointwise convs, the im2col and MatMul forms of dW: one mixed selection."""
-    from onnx_neq.backends.specialize import full_backward_macs, training_graph_from_portable
-    from onnx_neq.default_model import SHIPPED
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
+    from onnx_neq.graph.specialize import full_backward_macs, training_graph_from_portable
+    from onnx_neq.training.default_model import SHIPPED
 
     artifacts = tmp_path_factory.mktemp("mobilenet") / "art"
     prepare(SHIPPED, artifacts, num_classes=10)

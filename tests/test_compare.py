@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from onnx_neq.compare import CompareConfig, compare
-from onnx_neq.report import write_report
+from onnx_neq.results.compare import CompareConfig, compare
+from onnx_neq.results.report import write_report
 
 
 def test_compare_smoke_writes_table_and_plots(tiny_artifacts, tmp_path):
@@ -152,7 +152,7 @@ def test_a_second_compare_on_the_same_out_is_refused_while_the_first_runs(tiny_a
     from click.testing import CliRunner
 
     from onnx_neq.cli import main
-    from onnx_neq.run_lock import RunLock
+    from onnx_neq.training.run_lock import RunLock
 
     out = tmp_path / "cmp"
     out.mkdir()
@@ -168,7 +168,7 @@ def test_a_second_compare_on_the_same_out_is_refused_while_the_first_runs(tiny_a
 def test_a_report_failing_midway_leaves_the_previous_report_whole(tiny_artifacts, two_runs, tmp_path, monkeypatch):
     import shutil
 
-    from onnx_neq import report
+    from onnx_neq.results import report
 
     out = tmp_path / "out"
     shutil.copytree(two_runs[0], out)
@@ -191,7 +191,7 @@ def test_a_report_failing_midway_leaves_the_previous_report_whole(tiny_artifacts
 
 
 def test_report_into_a_folder_of_the_users_keeps_their_files(two_runs, tmp_path, monkeypatch):
-    from onnx_neq import report
+    from onnx_neq.results import report
 
     _, velocity, random = two_runs
     mine = tmp_path / "mine"

@@ -12,8 +12,8 @@ import pytest
 from onnx import shape_inference
 
 from onnx_neq.manifest import read_manifest
-from onnx_neq.run_dir import RunDir
-from onnx_neq.train import TrainConfig, train
+from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.train import TrainConfig, train
 
 
 def _conv_shapes(artifacts) -> list[dict]:

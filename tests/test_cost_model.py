@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_neq.cost_model import cost_model, greedy_fill, parse_amount
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import InputSpec, Layer, Manifest
+from onnx_neq.selection.cost_model import cost_model, greedy_fill, parse_amount
 
 
 def _layer(name, c_in, c_out, k, groups, hw_in, hw_out, bias=False, bn=True) -> Layer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnx_neq.export import export
-from onnx_neq.prepare import prepare
+from onnx_neq.graph.prepare import prepare
 
 
 def _resnet_basic_hand_count() -> tuple[int, int]:

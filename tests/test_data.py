@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_neq.data import FASHION_MNIST_DIR, load_dataset, preprocess, resize_bilinear, select_classes, split_validation
+from onnx_neq.data.datasets import FASHION_MNIST_DIR, load_dataset, preprocess, resize_bilinear, select_classes, split_validation
 from onnx_neq.errors import NeqError
 
 

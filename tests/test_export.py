@@ -9,7 +9,7 @@ import torch
 
 from onnx_neq.architectures import build
 from onnx_neq.export import export
-from onnx_neq.inference import to_inference_model
+from onnx_neq.graph.inference import to_inference_model
 from onnx_neq.ort_runtime import inference_session
 
 # Facts about torchvision's state dicts (torchvision.models.*().state_dict()), written down by hand.

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.cli import main
-from onnx_neq.run_dir import RunDir
-from onnx_neq.train import TrainConfig, train
+from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.train import TrainConfig, train
 
 TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds"}  # wall-clock columns
 DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]
@@ -121,7 +121,7 @@ def test_budget_above_the_total_is_said_before_the_first_epoch(tiny_artifacts, t
     warning = next(i for i, line in enumerate(lines) if "every neuron trains" in line)
     assert warning < next(i for i, line in enumerate(lines) if line.strip().startswith("0 "))
     assert "(100.0%;" in result.stderr
-    from onnx_neq.report import summarize
+    from onnx_neq.results.report import summarize
 
     assert summarize(tmp_path / "run").budget_label == "100.0%"  # not "3048780.5%"
 
@@ -239,7 +239,7 @@ def test_divergence_after_good_epochs_keeps_them_and_their_model(tiny_artifacts,
 def test_checkpoint_with_nan_weights_is_not_resumed(tiny_artifacts, straight, tmp_path):
     """The newest checkpoint holds NaN weights (its checksum re-recorded, so only the check for
     finite weights can see it): resume falls back to the epoch before and ends as the straight run."""
-    from onnx_neq.run_dir import sha256_file
+    from onnx_neq.training.run_dir import sha256_file
 
     run = _interrupted(tiny_artifacts, tmp_path / "run")
     path = run.path / run.load_state().checkpoint
@@ -280,7 +280,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tiny_artifacts, tmp_pat
 
 def test_metrics_are_keyed_by_epoch(tiny_artifacts, straight, tmp_path):
     """Rows written twice (as two writers once did) count once; the report reads by epoch."""
-    from onnx_neq.report import summarize
+    from onnx_neq.results.report import summarize
 
     copy = tmp_path / "run"
     shutil.copytree(straight, copy)
@@ -342,7 +342,7 @@ def test_resume_from_another_directory_with_relative_paths(tiny_artifacts, strai
 
 
 def test_resume_refuses_artifacts_prepared_again(tiny_onnx, tmp_path):
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     prepare(tiny_onnx[0], tmp_path / "art")
     _interrupted(tmp_path / "art", tmp_path / "run")
@@ -534,7 +534,7 @@ def test_export_says_the_weights_are_random(tmp_path):
 
 def test_cached_artifacts_from_an_older_version_are_prepared_again(tiny_artifacts, tmp_path):
     """A head fitted earlier by a version without the portable files is rebuilt, not trained broken."""
-    from onnx_neq.default_model import artifacts_with_head
+    from onnx_neq.training.default_model import artifacts_with_head
 
     fitted = artifacts_with_head(tiny_artifacts, 10)
     (fitted / "portable_training_model.onnx").unlink()

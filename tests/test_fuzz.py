@@ -357,7 +357,7 @@ def _valid_arrays(n_train: int = 64, n_test: int = 20) -> dict[str, np.ndarray]:
 
 
 def _make_run(template: Path, epochs: int, stop_epoch: int | None, backend: str) -> None:
-    from onnx_neq.train import TrainConfig, train
+    from onnx_neq.training.train import TrainConfig, train
 
     def progress(event, info):
         if stop_epoch is not None and event == "step" and info["epoch"] == stop_epoch and info["step"] == 2:
@@ -383,8 +383,8 @@ def _make_run(template: Path, epochs: int, stop_epoch: int | None, backend: str)
 def bases(tiny_onnx, tiny_artifacts, tmp_path_factory) -> Bases:
     import onnx_neq.backends.ort_training  # noqa: F401  (imported once here, not in every child)
     import onnx_neq.backends.portable  # noqa: F401
-    import onnx_neq.prepare  # noqa: F401
-    import onnx_neq.train  # noqa: F401
+    import onnx_neq.graph.prepare  # noqa: F401
+    import onnx_neq.training.train  # noqa: F401
 
     root = tmp_path_factory.mktemp("fuzz_bases")
     data = root / "data.npz"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onnx_neq.errors import NeqError
-from onnx_neq.gradient_selectors import RunningNorm, select_fisher, select_gradnorm
+from onnx_neq.selection.gradient import RunningNorm, select_fisher, select_gradnorm
 
 DRAWS = 4000
 

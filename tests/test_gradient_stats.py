@@ -10,8 +10,8 @@ import pytest
 from conftest import make_tiny
 
 from onnx_neq.errors import NeqError
-from onnx_neq.gradient_stats import ChannelStats, GradientProbe, accumulate
 from onnx_neq.manifest import read_manifest
+from onnx_neq.training.gradient_stats import ChannelStats, GradientProbe, accumulate
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

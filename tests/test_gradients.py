@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_neq.errors import NeqError
-from onnx_neq.gradients import RULES, build_training_model
-from onnx_neq.lowering.lower import is_standard
+from onnx_neq.graph.gradients import RULES, build_training_model
+from onnx_neq.graph.lowering.lower import is_standard
 from onnx_neq.ort_runtime import inference_session
 
 torch = pytest.importorskip("torch")
@@ -422,7 +422,7 @@ def _update_errors(backend: str, artifacts, model, x, y, lr: float, frozen_bn: b
 def _twin(arch: str, bn: str, tmp_path, resolution: int = 64):
     from onnx_neq.architectures import build
     from onnx_neq.export import export
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     torch.manual_seed(3)
     width = 0.35 if arch == "mobilenet_v2" else 1.0
@@ -463,8 +463,8 @@ def test_shipped_model_matches_float64_torch(tmp_path, rng):
     from test_training_step import _check_sgd_step_matches_torch
 
     from onnx_neq.architectures import build
-    from onnx_neq.default_model import SHIPPED
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
+    from onnx_neq.training.default_model import SHIPPED
 
     weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(SHIPPED)).graph.initializer}
     model = build("mobilenet_v2", num_classes=5, width_mult=0.35)

@@ -22,7 +22,7 @@ def _venv(path: Path, *requirements: str) -> Path:
 
 
 def _digits_npz(path: Path) -> Path:
-    from onnx_neq.data import load_dataset, select_classes
+    from onnx_neq.data.datasets import load_dataset, select_classes
 
     data = select_classes(load_dataset("digits"), [0, 1, 2, 3, 4])
     np.savez(path, x_train=data.train.images, y_train=data.train.labels, x_test=data.test.images, y_test=data.test.labels)

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_neq.errors import NeqError
-from onnx_neq.lowering import RULES, lower_training_model
+from onnx_neq.graph.lowering import RULES, lower_training_model
 from onnx_neq.ort_runtime import inference_session, training_api
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -358,7 +358,7 @@ def test_tiny_frozen_bn_end_to_end(frozen_bn_artifacts):
 
 
 def test_shipped_model_end_to_end():
-    from onnx_neq.default_model import default_artifacts
+    from onnx_neq.training.default_model import default_artifacts
 
     report = _end_to_end(default_artifacts(10), batches=(4,))
     assert report.lowered["ConvGrad"] == 52
@@ -368,7 +368,7 @@ def test_shipped_model_end_to_end():
 def resnet_artifacts(tmp_path_factory):
     pytest.importorskip("torch")
     from onnx_neq.export import export
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     root = tmp_path_factory.mktemp("r18")
     export("resnet18", root / "r18.onnx", num_classes=10, resolution=32)
@@ -387,7 +387,7 @@ FAST_ZOO = {"light_inception_v1", "light_squeezenet", "light_bvlc_alexnet"}
 
 @pytest.fixture(scope="module")
 def zoo_artifacts(tmp_path_factory):
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     cache = {}
 

@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_neq.conv_layers import find_conv_layers
+from onnx_neq.graph.conv_layers import find_conv_layers
+from onnx_neq.graph.passes.activation_taps import ActivationTapPass
+from onnx_neq.graph.passes.batchnorm_affine import BatchNormAffinePass
+from onnx_neq.graph.passes.batchnorm_inference import BatchNormInferencePass
+from onnx_neq.graph.passes.dropout_removal import DropoutRemovalPass
+from onnx_neq.graph.passes.gradient_masks import GradientMaskPass
 from onnx_neq.ort_runtime import inference_session
-from onnx_neq.passes.activation_taps import ActivationTapPass
-from onnx_neq.passes.batchnorm_affine import BatchNormAffinePass
-from onnx_neq.passes.batchnorm_inference import BatchNormInferencePass
-from onnx_neq.passes.dropout_removal import DropoutRemovalPass
-from onnx_neq.passes.gradient_masks import GradientMaskPass
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 
@@ -105,7 +105,7 @@ def test_activation_tap_pass_exposes_raw_conv_outputs():
 
 def test_a_1x1_conv_feeding_the_output_is_the_classifier_not_neurons():
     """SqueezeNet-style: Conv 1x1 -> Relu -> GlobalAveragePool -> output is the head."""
-    from onnx_neq.conv_layers import find_head_conv
+    from onnx_neq.graph.conv_layers import find_head_conv
 
     model = ir.from_onnx_text(
         HEADER

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from onnx_neq.cost_model import CostModel
 from onnx_neq.errors import NeqError
-from onnx_neq.selector_registry import SELECTORS, SelectionInputs, method_label, parse_method
-from onnx_neq.velocity import cosine_distance
+from onnx_neq.selection.cost_model import CostModel
+from onnx_neq.selection.registry import SELECTORS, SelectionInputs, method_label, parse_method
+from onnx_neq.selection.velocity import cosine_distance
 
 
 def _inputs(epoch, budget, rng, **extra) -> SelectionInputs:
@@ -75,7 +75,7 @@ def test_method_variants_parse_and_label():
 
 
 def test_compare_plans_variants_and_five_seeds(tiny_artifacts, tmp_path):
-    from onnx_neq.compare import CompareConfig, plan
+    from onnx_neq.results.compare import CompareConfig, plan
 
     config = CompareConfig(data=["digits@0-4"], out=str(tmp_path), methods=["velocity[phi=flat]", "full"], budget_ratios=[0.1, 0.3])
     runs = plan(config, lambda data: str(tiny_artifacts))
@@ -111,7 +111,7 @@ def test_phi_flat_against_spatial(rng):
 
 
 def test_paired_section_of_the_report():
-    from onnx_neq.report import RunSummary, results_markdown
+    from onnx_neq.results.report import RunSummary, results_markdown
 
     runs = []
     for seed, (v, r) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.79, 0.75), (0.90, 0.60), (0.85, 0.80)]):

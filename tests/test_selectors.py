@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_neq.selectors import SU_SCHEMES, greedy, select_neq, select_random, select_su, select_velocity
-from onnx_neq.velocity import VelocityState, cosine_distance
+from onnx_neq.selection.selectors import SU_SCHEMES, greedy, select_neq, select_random, select_su, select_velocity
+from onnx_neq.selection.velocity import VelocityState, cosine_distance
 
 
 def _reference_phi(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_su_keeps_largest_norm_channels():
 def test_su_scheme_1_on_mobilenet_v2_updates_192312_parameters(tmp_path):
     """Scheme 1 by hand: conv 36, 39 (1x1 expand 96->576, 160->960), 41, 42, 45, 48, 49 ..."""
     from onnx_neq.export import export
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     export("mobilenet_v2", tmp_path / "m.onnx", resolution=32)
     manifest = prepare(tmp_path / "m.onnx", tmp_path / "art").manifest

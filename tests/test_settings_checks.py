@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnx_neq.cli import main
-from onnx_neq.run_dir import RunDir
+from onnx_neq.training.run_dir import RunDir
 
 TINY = ["--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8", "--threads", "1"]
 

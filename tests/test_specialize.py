@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_neq.backends.specialize import channel_inputs, layer_states, specialize
+from onnx_neq.graph.specialize import channel_inputs, layer_states, specialize
 from onnx_neq.manifest import read_manifest
 from onnx_neq.ort_runtime import inference_session
 
@@ -28,8 +28,8 @@ LR = 0.05
 @pytest.fixture(scope="module")
 def mobilenet(tmp_path_factory):
     """The shipped MobileNetV2 0.35 (frozen BatchNorm) with a 10-class head."""
-    from onnx_neq.default_model import SHIPPED
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
+    from onnx_neq.training.default_model import SHIPPED
 
     out = tmp_path_factory.mktemp("mobilenet") / "art"
     prepare(SHIPPED, out, num_classes=10)
@@ -39,7 +39,7 @@ def mobilenet(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resnet18(tmp_path_factory):
     from onnx_neq.export import export
-    from onnx_neq.prepare import prepare
+    from onnx_neq.graph.prepare import prepare
 
     root = tmp_path_factory.mktemp("resnet18")
     export("resnet18", root / "r18.onnx", None, 10, 32, 1.0, "train")
@@ -376,8 +376,8 @@ CHANNEL_CASES = {
 def test_conv_grad_channels(case):
     from onnx import TensorProto, helper
 
-    from onnx_neq.lowering.builder import Builder
-    from onnx_neq.lowering.conv_grad import lower_conv_grad
+    from onnx_neq.graph.lowering.builder import Builder
+    from onnx_neq.graph.lowering.conv_grad import lower_conv_grad
 
     c = CHANNEL_CASES[case]
     spatial, r = (9, 10), len(c["k"])

@@ -24,7 +24,7 @@ def _selection(manifest, rng) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("which", ["tiny", "shipped"])
 def test_specialized_step_equals_masked_step(which, tiny_artifacts, rng):
-    from onnx_neq.default_model import default_artifacts
+    from onnx_neq.training.default_model import default_artifacts
 
     artifacts = tiny_artifacts if which == "tiny" else default_artifacts(5)
     manifest = read_manifest(artifacts)
@@ -65,8 +65,8 @@ def test_update_memory_is_the_selection(bn_update, tiny_artifacts, rng):
 
 
 def test_train_with_the_specialized_backend(tiny_artifacts, tmp_path):
-    from onnx_neq.run_dir import RunDir
-    from onnx_neq.train import TrainConfig, train
+    from onnx_neq.training.run_dir import RunDir
+    from onnx_neq.training.train import TrainConfig, train
 
     config = TrainConfig(
         artifacts=str(tiny_artifacts),

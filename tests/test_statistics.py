@@ -10,7 +10,7 @@ pytest.importorskip("scipy")
 
 from scipy import stats  # noqa: E402
 
-from onnx_neq.statistics import Paired, format_paired_markdown, mean_ci, paired, paired_table  # noqa: E402
+from onnx_neq.results.statistics import Paired, format_paired_markdown, mean_ci, paired, paired_table  # noqa: E402
 
 T_975_4 = 2.7764451051977987  # t_{0.975, 4}
 T_95_4 = 2.131846786326649  # t_{0.95, 4}

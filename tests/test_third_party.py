@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.errors import NeqError
+from onnx_neq.graph.prepare import prepare
 from onnx_neq.ort_runtime import inference_session
-from onnx_neq.prepare import prepare
 
 ZOO = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 
@@ -124,7 +124,7 @@ def test_rewrite_equals_the_original_op(op, rng):
     """Each rewrite against the original op, both run in onnxruntime, on values spanning both tails."""
     import onnx_ir as ir
 
-    from onnx_neq.passes.activation_rewrites import ActivationRewritePass
+    from onnx_neq.graph.passes.activation_rewrites import ActivationRewritePass
 
     attrs, arity = REWRITE_CASES[op]
     op = op.split("/")[0]
@@ -413,7 +413,7 @@ def test_paddle_style_classifier_with_num_classes_trains_on_non_square_images(tm
     from click.testing import CliRunner
 
     from onnx_neq.cli import main
-    from onnx_neq.train import TrainConfig, train
+    from onnx_neq.training.train import TrainConfig, train
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     onnx.save(_paddle_classifier(_paddle_weights(rng, 4)), str(tmp_path / "paddle.onnx"))

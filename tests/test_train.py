@@ -16,8 +16,8 @@ import pytest
 from onnx_neq.backends.base import open_backend
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.manifest import read_manifest
-from onnx_neq.run_dir import RunDir
-from onnx_neq.train import TrainConfig, train
+from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.train import TrainConfig, train
 
 TIMING = {"epoch_seconds", "selection_seconds", "step_ms", "specialize_seconds", "probe_seconds"}  # wall-clock columns
 DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]  # real data shaped like the tiny model: 8x8, 5 classes
@@ -98,7 +98,7 @@ def test_velocity_chain_matches_an_independent_computation(tiny_artifacts, tmp_p
 def test_phi_from_real_taps_matches_torch(tiny_artifacts, rng):
     import torch
 
-    from onnx_neq.velocity import layer_phi
+    from onnx_neq.selection.velocity import layer_phi
 
     session = TrainingSession(tiny_artifacts)
     x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)

@@ -13,7 +13,7 @@ from conftest import make_tiny
 from onnx_neq.backends.base import open_backend
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.export import export
-from onnx_neq.prepare import prepare
+from onnx_neq.graph.prepare import prepare
 
 
 def _torch_sgd_step(

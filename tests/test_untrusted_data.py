@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from onnx_neq import data as data_module
-from onnx_neq.data import Split, check_labels, load_dataset, parse_classes, select_classes
+from onnx_neq.data.datasets import Split, check_labels, load_dataset, parse_classes, select_classes
+from onnx_neq.data import datasets as data_module
 from onnx_neq.errors import NeqError
 
 
@@ -39,7 +39,7 @@ def _peak(call) -> tuple[BaseException | None, int]:
 def _load_in_subprocess(spec: str) -> subprocess.CompletedProcess:
     """load_dataset in a child, which must return within 60 s (a named pipe opened for reading blocks forever)."""
     code = (
-        "import sys\nfrom onnx_neq.data import load_dataset\nfrom onnx_neq.errors import NeqError\n"
+        "import sys\nfrom onnx_neq.data.datasets import load_dataset\nfrom onnx_neq.errors import NeqError\n"
         "try:\n    load_dataset(sys.argv[1], (8, 8))\nexcept NeqError as exc:\n    sys.exit(f'NeqError: {exc}')\n"
     )
     return subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=60)

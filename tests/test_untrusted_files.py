@@ -284,7 +284,7 @@ def test_a_tensor_holding_more_bytes_than_it_declares_is_refused(tiny_onnx, tmp_
 
 @pytest.mark.parametrize("damage", ["no_image_input", "bad_normalization"])
 def test_eval_of_a_model_that_is_not_ours_is_one_line(damage, tiny_onnx, tmp_path, rng):
-    from onnx_neq.evaluate import record_normalization
+    from onnx_neq.training.evaluate import record_normalization
 
     path = tmp_path / "m.onnx"
     shutil.copy(tiny_onnx[0], path)

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import NeqError, first_line, is_runtime_error
-from ..manifest import Manifest
+from onnx_neq.errors import NeqError, first_line, is_runtime_error
+from onnx_neq.manifest import Manifest
 
 
 class Backend(Protocol):
@@ -59,7 +59,7 @@ BACKENDS = {
 def training_kernels_available() -> bool:
     """True where onnxruntime-training is installed (its training API can be imported)."""
     try:
-        from ..ort_runtime import training_api
+        from onnx_neq.ort_runtime import training_api
 
         training_api()
         return True
@@ -74,7 +74,7 @@ def default_backend(artifacts_dir: str | Path | None = None) -> str:
         return "portable"
     if artifacts_dir is None:
         return "ort-training"
-    from ..manifest import BACKEND_FILES, read_manifest
+    from onnx_neq.manifest import BACKEND_FILES, read_manifest
 
     files = read_manifest(artifacts_dir).files
     return "ort-training" if all((Path(artifacts_dir) / files.get(k, k)).is_file() for k in BACKEND_FILES["ort-training"]) else "portable"
@@ -105,19 +105,6 @@ def open_backend(name: str | None, artifacts_dir: str | Path, checkpoint: str | 
         raise NeqError(
             f"ONNX Runtime cannot load {what} ({first_line(exc)}); they are damaged or not onnx-neq's: re-run `onnx-neq prepare`"
         ) from None
-
-
-def artifact_model(directory: str | Path, manifest: Manifest, key: str) -> Path:
-    """The ONNX file `key` of an artifacts folder, checked before ONNX Runtime opens it: inside the folder
-    (links included), every tensor holding the bytes it declares, external weights inside the folder."""
-    from ..manifest import artifact_path
-    from ..model_io import check_model_file
-
-    if key not in manifest.files:
-        raise NeqError(f"{directory}: the manifest names no {key} file; re-run `onnx-neq prepare`")
-    path = artifact_path(directory, manifest.files[key])
-    check_model_file(path, Path(directory), "re-run `onnx-neq prepare`")
-    return path
 
 
 def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NeqError
+from onnx_neq.errors import NeqError
 
 Arrays = Mapping[str, np.ndarray]
 SqrtFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # must return new, writable arrays
@@ -92,7 +92,7 @@ class OrtSqrt:
 def _sqrt_session(n: int):
     from onnx import TensorProto, helper
 
-    from ..ort_runtime import onnxruntime
+    from onnx_neq.ort_runtime import onnxruntime
 
     ort = onnxruntime()
     nodes = [helper.make_node("Sqrt", [f"x{i}"], [f"y{i}"]) for i in range(n)]

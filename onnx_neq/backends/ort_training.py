@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, artifact_path, read_manifest
-from ..ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
-from .base import artifact_model, checked_masks, updated_running_statistics
+from onnx_neq.backends.base import checked_masks, updated_running_statistics
+from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
+from onnx_neq.ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
 
 
 class TrainingSession:
@@ -120,7 +120,7 @@ class TrainingSession:
         return state * sum(self.state.parameters[p].data.nbytes for p in trainable)
 
     def backward_macs(self) -> int:
-        from .specialize import full_backward_macs
+        from onnx_neq.graph.specialize import full_backward_macs
 
         return full_backward_macs(self.dir, self.manifest)
 
@@ -135,7 +135,7 @@ class TrainingSession:
         if self.manifest.output_activation:
             import onnx
 
-            from ..passes.output_activation import append_output_activation
+            from onnx_neq.graph.passes.output_activation import append_output_activation
 
             onnx.save(append_output_activation(onnx.load(os.fspath(path)), self.manifest.output_activation), os.fspath(path))
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NeqError
-from ..manifest import Manifest, artifact_path, read_manifest
-from ..ort_runtime import ORT_DTYPES, onnxruntime, session_options
-from .base import artifact_model, checked_masks, updated_running_statistics
-from .host_optim import optimizer_for_manifest
+from onnx_neq.backends.base import checked_masks, updated_running_statistics
+from onnx_neq.backends.host_optim import optimizer_for_manifest
+from onnx_neq.errors import NeqError
+from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
+from onnx_neq.ort_runtime import ORT_DTYPES, onnxruntime, session_options
 
 OPTIMIZER_PREFIX = "optimizer/"
 
@@ -88,7 +88,7 @@ class PortableBackend:
     def _check_parameters(self, session) -> None:
         """Every parameter input of `session` has an array of its declared dtype and shape (parameters.npz
         and checkpoints are files someone may hand us): one NeqError before ONNX Runtime runs anything."""
-        from .specialize import CHANNELS_SUFFIX  # the specialised graphs' channel inputs, fed per selection
+        from onnx_neq.graph.specialize import CHANNELS_SUFFIX  # the specialised graphs' channel inputs, fed per selection
 
         fed = {self.manifest.input.name, self.manifest.label_input, *(layer.mask_input for layer in self.manifest.layers)}
         for arg in session.get_inputs():
@@ -160,7 +160,7 @@ class PortableBackend:
         return sum(g.nbytes for g in self.grads.values()) + state
 
     def backward_macs(self) -> int:
-        from .specialize import full_backward_macs
+        from onnx_neq.graph.specialize import full_backward_macs
 
         return full_backward_macs(self.dir, self.manifest, "portable_training_model")
 
@@ -191,7 +191,7 @@ class PortableBackend:
         """Write an inference model (current weights, logits only, no masks or taps)."""
         import onnx
 
-        from ..inference import inference_from_eval
+        from onnx_neq.graph.inference import inference_from_eval
 
         model = inference_from_eval(onnx.load(str(artifact_model(self.dir, self.manifest, "eval_model"))), self.params, self.manifest)
         onnx.save(model, str(path))

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NeqError
-from ..ort_runtime import onnxruntime
-from .portable import PortableBackend, _f32
-from .specialize import channel_inputs, layer_states, load_training_graph, specialize
+from onnx_neq.backends.portable import PortableBackend, _f32
+from onnx_neq.errors import NeqError
+from onnx_neq.graph.specialize import channel_inputs, layer_states, load_training_graph, specialize
+from onnx_neq.ort_runtime import onnxruntime
 
 
 class SpecializedBackend(PortableBackend):

@@ -1,0 +1,90 @@
+"""Plain-text tables for what the CLI prints (the library itself never prints)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from onnx_neq.manifest import Manifest
+
+
+def table(rows: list[tuple], headers: tuple[str, ...]) -> str:
+    cells = [tuple(str(c) for c in headers)] + [tuple(_fmt(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def manifest_summary(m: Manifest) -> str:
+    kinds = Counter(layer.kind for layer in m.layers)
+    by_kind = [
+        (kind, n, sum(lay.out_channels for lay in m.layers if lay.kind == kind), sum(lay.params for lay in m.layers if lay.kind == kind))
+        for kind, n in sorted(kinds.items())
+    ]
+    by_kind.append(("total", len(m.layers), m.neurons, m.selectable_params))
+    lines = [
+        f"input      {m.input.name} {['N' if d is None else d for d in m.input.shape]}  mean {m.input.mean}  std {m.input.std}",
+        f"classes    {m.num_classes}    optimizer {m.optimizer}",
+        "",
+        "selectable neurons (one per Conv output channel, masked through one input per Conv):",
+        table(by_kind, ("kind", "layers", "neurons", "params")),
+        "",
+        "always trained, not counted against the budget:",
+        table([("classifier", m.classifier_params), ("batchnorm scale+bias", m.bn_params), ("other", m.other_params)], ("group", "params")),
+        f"frozen     {len(m.frozen_params)} tensors (BatchNorm running statistics and constants)",
+    ]
+    return "\n".join(lines)
+
+
+def prepare_changes(report) -> str:
+    """What prepare changed in the graph, one line each."""
+    lines = list(report.normalized.lines())
+    if report.head_replaced:
+        lines.append(f"head       replaced: {report.head_replaced[0]} -> {report.head_replaced[1]} classes, freshly initialized")
+    if report.dropout_removed:
+        lines.append(f"dropout    {report.dropout_removed} Dropout node(s) removed (training is deterministic and resumable)")
+    if report.frozen_bn_rewritten:
+        lines.append(
+            f"batchnorm  {report.frozen_bn_rewritten} inference-mode BatchNorm node(s) rewritten as affine ops (running statistics frozen)"
+        )
+    if report.unreached:
+        shown = ", ".join(report.unreached[:4]) + (f" and {len(report.unreached) - 4} more" if len(report.unreached) > 4 else "")
+        lines.append(f"unused     the loss does not depend on {shown}: their gradient is 0")
+    return "\n".join(lines)
+
+
+def train_summary(result, with_table: bool = True) -> str:
+    """The result table of a run (every epoch, unless it was shown live), then the numbers that matter."""
+    rows = [
+        (
+            int(r["epoch"]),
+            float(r["lr"]),
+            float(r["train_loss"]),
+            float(r["train_top1"]),
+            float(r["val_top1"]),
+            float(r["test_top1"]),
+            int(r["updated_params"]),
+            int(r["selected_neurons"]),
+        )
+        for r in result.rows
+    ]
+    b = result.budget
+    lines = (
+        [table(rows, ("epoch", "lr", "train loss", "train top1", "val top1", "test top1", "updated", "neurons")), ""] if with_table else []
+    )
+    lines += [
+        f"budget        {b.describe()}",
+        f"best val      epoch {result.best_epoch}: val top-1 {result.best_val:.4f}, test top-1 {result.test_at_best_val:.4f}",
+        f"final         test top-1 {float(result.rows[-1]['test_top1']):.4f}" if result.rows else "final         no epoch ran",
+        f"run           {result.run_dir}/ (metrics.csv, masks/, model.onnx = weights of the best val epoch)",
+    ]
+    lines += [f"warning       {w}" for w in result.warnings]
+    return "\n".join(lines)

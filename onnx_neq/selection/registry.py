@@ -1,0 +1,159 @@
+"""Every selector, once: its name, whether a budget binds it, what statistics it needs, its first-epoch
+rule, its options and its function (docs/ALGORITHM.md, "Selection"). The CLI, train, compare, report
+and the Sparse Update code read this table; adding a selector is one entry and one function.
+
+A selector function takes a SelectionInputs and returns a boolean mask over every neuron (manifest
+layer order). Budgeted selectors produce an order and let `inputs.fill` take it within the budget
+(in the unit of the run's cost model, reach included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_neq.errors import NeqError
+from onnx_neq.selection.cost_model import CostModel, greedy_fill
+from onnx_neq.selection.gradient import fisher_order, gradnorm_order
+from onnx_neq.selection.selectors import select_full, select_neq, velocity_ranking
+
+# statistics a selector may need; train collects only what the chosen selectors ask for
+VELOCITY, WEIGHT_NORMS, GRADIENT_NORMS, FISHER = "velocity", "weight norms", "gradient norms", "fisher"
+
+
+@dataclass
+class SelectionInputs:
+    epoch: int
+    model: CostModel  # the budget's unit
+    budget: int
+    rank_costs: np.ndarray  # what ranking divides by (--rank-cost)
+    rng: np.random.Generator
+    backfill: bool = False
+    layer_sizes: list[int] = field(default_factory=list)
+    velocity: np.ndarray | None = None
+    su_mask: np.ndarray | None = None
+    gradient_norms: np.ndarray | None = None  # running per-channel weight-gradient norms
+    trained_ever: np.ndarray | None = None  # channels selected in an earlier epoch
+    fisher: np.ndarray | None = None
+    options: dict = field(default_factory=dict)  # the selector's own options, by config field name
+
+    def fill(self, order: np.ndarray) -> np.ndarray:
+        return greedy_fill(order, self.model, self.budget, self.backfill)
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    name: str
+    select: Callable[[SelectionInputs], np.ndarray]
+    budgeted: bool
+    needs: tuple[str, ...]
+    first_epoch: str | None  # None: the selector runs at epoch 0 too; else the default --init for epoch 0
+    options: tuple[str, ...]  # TrainConfig fields it reads (their --flags)
+    summary: str
+
+
+def _velocity(s: SelectionInputs) -> np.ndarray:
+    return s.fill(velocity_ranking(s.velocity, s.rank_costs))
+
+
+def _random(s: SelectionInputs) -> np.ndarray:
+    return s.fill(s.rng.permutation(len(s.rank_costs)))
+
+
+def _su(s: SelectionInputs) -> np.ndarray:
+    return s.su_mask.copy()
+
+
+def _full(s: SelectionInputs) -> np.ndarray:
+    return select_full(s.rank_costs)
+
+
+def _neq(s: SelectionInputs) -> np.ndarray:
+    return select_neq(s.velocity, s.options["eps"])
+
+
+def _gradnorm(s: SelectionInputs) -> np.ndarray:
+    pool = s.options.get("gradnorm_pool") or None
+    order = gradnorm_order(s.gradient_norms, s.trained_ever, s.rank_costs, s.rng, s.epoch == 0, s.layer_sizes, pool)
+    return greedy_fill(order, s.model, s.budget, backfill=True)
+
+
+def _fisher(s: SelectionInputs) -> np.ndarray:
+    return greedy_fill(fisher_order(s.fisher, s.rank_costs, s.rng), s.model, s.budget, backfill=True)
+
+
+SELECTORS: dict[str, SelectorSpec] = {
+    spec.name: spec
+    for spec in (
+        SelectorSpec(
+            "velocity",
+            _velocity,
+            True,
+            (VELOCITY,),
+            "random",
+            ("mu", "recurrence", "phi", "rank_cost", "velocity_images", "backfill"),
+            "largest |velocity| per cost first",
+        ),
+        SelectorSpec("random", _random, True, (), None, ("backfill",), "a fresh random order every epoch"),
+        SelectorSpec("su", _su, True, (WEIGHT_NORMS,), None, ("su_scheme",), "static Sparse Update scheme (largest weight norms)"),
+        SelectorSpec("full", _full, False, (), None, (), "every neuron, no budget"),
+        SelectorSpec(
+            "neq", _neq, False, (VELOCITY,), "full", ("eps", "mu", "recurrence", "phi", "velocity_images"), "|velocity| > eps, no budget"
+        ),
+        SelectorSpec(
+            "gradnorm",
+            _gradnorm,
+            True,
+            (GRADIENT_NORMS,),
+            None,
+            ("probe_batches", "gradnorm_pool", "rank_cost"),
+            "channels drawn in proportion to their running weight-gradient norm (MeDyate)",
+        ),
+        SelectorSpec(
+            "fisher",
+            _fisher,
+            True,
+            (FISHER,),
+            None,
+            ("probe_batches", "rank_cost"),
+            "channels drawn in proportion to Fisher potential per cost (TinyTrain)",
+        ),
+    )
+}
+
+RANK_COSTS = ("exact", "authors")  # --rank-cost: what rankings divide by (docs/ALGORITHM.md, "Neurons and costs")
+FIRST_EPOCH_RULES = ("random", "su", "full")  # --init: what a selector with a first-epoch rule does at epoch 0
+
+
+# options that make a variant of a selector (compare's "velocity[phi=flat]", report's method labels) and their defaults
+VARIANTS = {"phi": "spatial", "rank_cost": "exact", "cost": None, "gradnorm_pool": 0}
+
+
+def method_label(selector: str, config: dict) -> str:
+    """`selector`, plus the variant options of `config` that differ from their defaults: velocity[phi=flat]."""
+    spec = SELECTORS.get(selector)
+    changed = [
+        f"{k}={config[k]}"
+        for k, default in VARIANTS.items()
+        if config.get(k) not in (None, default)
+        and (spec is None or k in spec.options or k == "cost")
+        and not (k == "cost" and config[k] == "params")
+    ]
+    return selector + (f"[{','.join(changed)}]" if changed else "")
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """'velocity[phi=flat,rank_cost=authors]' -> ('velocity', {'phi': 'flat', 'rank_cost': 'authors'})."""
+    name, _, rest = text.strip().partition("[")
+    if name not in SELECTORS:
+        raise NeqError(f"unknown method {name!r}; choose from {', '.join(SELECTORS)}")
+    options = {}
+    for item in filter(None, rest.rstrip("]").split(",")) if rest else []:
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in VARIANTS or not value:
+            raise NeqError(f"{text!r}: variants are {', '.join(f'{k}=VALUE' for k in VARIANTS)}, e.g. velocity[phi=flat]")
+        options[key] = int(value) if key == "gradnorm_pool" else value.strip()
+    return name, options

@@ -1,0 +1,86 @@
+"""Sparse Update schemes: built-in MobileNetV2 schemes 1-5, or a JSON/YAML file for any model.
+
+A scheme maps conv index (graph order, = torchvision module order) -> ratio of output channels
+kept (those of largest weight L2 norm). File format, JSON or YAML:
+    {"layers": {"27": 1.0, "features.11.conv.2": 0.125}}      keys: conv index or layer name
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from onnx_neq.errors import NeqError
+from onnx_neq.manifest import Manifest
+from onnx_neq.selection.budget import DEFAULT_RATIO
+from onnx_neq.selection.selectors import SU_SCHEMES
+
+MOBILENET_V2_CONVS = 52
+MAX_SCHEME_BYTES = 1 << 20  # a scheme names at most a few thousand layers
+
+
+def scheme_params(scheme: dict[int, float], manifest: Manifest) -> int:
+    return sum(int(manifest.layers[i].out_channels * r) * manifest.layers[i].neuron_cost for i, r in scheme.items())
+
+
+def load_su_scheme(spec: str | None, manifest: Manifest, budget: int | None, ratio: float | None) -> dict[int, float]:
+    """The scheme named by --su-scheme; without one, the largest built-in scheme within the budget."""
+    if spec is None:
+        check_builtin_schemes(manifest, "the built-in Sparse Update schemes")
+        limit = budget if budget is not None else int(manifest.selectable_params * (ratio if ratio is not None else DEFAULT_RATIO))
+        fitting = [k for k, s in SU_SCHEMES.items() if scheme_params(s, manifest) <= limit]
+        if not fitting:
+            raise NeqError(f"no built-in Sparse Update scheme fits the budget {limit:,}; raise the budget or pass --su-scheme FILE")
+        return SU_SCHEMES[max(fitting, key=lambda k: scheme_params(SU_SCHEMES[k], manifest))]
+    if spec.isdigit():
+        if int(spec) not in SU_SCHEMES:
+            raise NeqError(f"--su-scheme {spec}: built-in schemes are 1-5")
+        check_builtin_schemes(manifest, f"Sparse Update scheme {spec}")
+        return SU_SCHEMES[int(spec)]
+    return _from_file(Path(spec), manifest)
+
+
+def check_builtin_schemes(manifest: Manifest, what: str = "the built-in Sparse Update schemes") -> None:
+    if len(manifest.layers) != MOBILENET_V2_CONVS:
+        raise NeqError(
+            f"{what} are for MobileNetV2 ({MOBILENET_V2_CONVS} convs); this model has {len(manifest.layers)}: pass --su-scheme FILE"
+        )
+
+
+def _from_file(path: Path, manifest: Manifest) -> dict[int, float]:
+    if not path.exists():
+        raise NeqError(f"--su-scheme {path}: no such file (or give a built-in scheme 1-5)")
+    if not path.is_file() or path.stat().st_size > MAX_SCHEME_BYTES:
+        raise NeqError(f"--su-scheme {path} is not a regular file of at most {MAX_SCHEME_BYTES >> 20} MiB")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text) if path.suffix == ".json" else _yaml(text)
+    except NeqError:
+        raise
+    except Exception as exc:
+        raise NeqError(
+            f'--su-scheme {path} cannot be parsed ({exc.__class__.__name__}); expected {{"layers": {{index or name: ratio}}}}'
+        ) from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise NeqError(f'--su-scheme {path}: expected {{"layers": {{index or name: ratio}}}}')
+    names = {layer.name: i for i, layer in enumerate(manifest.layers)}
+    scheme = {}
+    for key, ratio in layers.items():
+        index = int(key) if str(key).isdecimal() and len(str(key)) < 10 else names.get(str(key))
+        if index is None or not 0 <= index < len(manifest.layers):
+            raise NeqError(
+                f"--su-scheme {path}: no conv {str(key)[:60]!r} in this model (indices 0-{len(manifest.layers) - 1} or layer names)"
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise NeqError(f"--su-scheme {path}: the ratio for {str(key)[:60]!r} is {str(ratio)[:40]!r}; it must be a number in [0, 1]")
+        scheme[index] = float(ratio)
+    return scheme
+
+
+def _yaml(text: str):
+    try:
+        import yaml
+    except ImportError:
+        raise NeqError("a YAML --su-scheme needs PyYAML (pip install pyyaml), or write it as .json") from None
+    return yaml.safe_load(text)
