@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 
 from onnx_neq.errors import NeqError
-from onnx_neq.selection.gradient import RunningNorm, select_fisher, select_gradnorm
+from onnx_neq.selection.cost_model import greedy_fill, params_model
+from onnx_neq.selection.gradient import RunningNorm, fisher_order, gradnorm_order
 
 DRAWS = 4000
+
+
+def select_gradnorm(norms, trained, costs, budget, rng, first_epoch=False, layer_sizes=None, pool_layers=None):
+    """The registry's gradnorm selector: its draw order filled to a parameter budget, skipping misfits."""
+    order = gradnorm_order(norms, trained, costs, rng, first_epoch, layer_sizes, pool_layers)
+    return greedy_fill(order, params_model(costs), budget, backfill=True)
+
+
+def select_fisher(fisher, costs, budget, rng):
+    """The registry's fisher selector: its draw order filled to a parameter budget, skipping misfits."""
+    return greedy_fill(fisher_order(fisher, costs, rng), params_model(costs), budget, backfill=True)
 
 
 def _frequencies(select, n: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_neq.selection.selectors import SU_SCHEMES, greedy, select_neq, select_random, select_su, select_velocity
+from onnx_neq.selection.cost_model import greedy_fill, params_model
+from onnx_neq.selection.selectors import SU_SCHEMES, select_neq, select_su, velocity_ranking
 from onnx_neq.selection.velocity import VelocityState, cosine_distance
 
 
@@ -67,6 +68,10 @@ def test_textbook_recurrence_agrees_with_code_only_for_two_epochs(rng):
     assert not np.allclose(np.abs(v[2][0]), np.abs(v[2][1]))
 
 
+def greedy(order, costs, budget, backfill=False):
+    return greedy_fill(order, params_model(costs), budget, backfill)
+
+
 def test_greedy_stops_at_first_misfit_or_backfills():
     costs = np.array([5, 3, 9, 1, 2])
     order = np.array([0, 2, 1, 3, 4])
@@ -78,15 +83,19 @@ def test_greedy_stops_at_first_misfit_or_backfills():
 def test_velocity_selection_ranks_by_velocity_per_parameter():
     costs = np.array([10, 1, 4, 4])
     velocity = np.array([-5.0, 0.9, 0.2, 2.0])  # |v|/cost: 0.5, 0.9, 0.05, 0.5 -> order 1, 0, 3, 2
-    assert select_velocity(velocity, costs, 11).tolist() == [True, True, False, False]
-    assert select_velocity(velocity, costs, 15).tolist() == [True, True, False, True]
+    assert greedy(velocity_ranking(velocity, costs), costs, 11).tolist() == [True, True, False, False]
+    assert greedy(velocity_ranking(velocity, costs), costs, 15).tolist() == [True, True, False, True]
 
 
 def test_random_selection_is_reproducible_for_a_seed():
     costs = np.random.default_rng(0).integers(1, 50, 300)
-    a = select_random(costs, 2000, np.random.default_rng([7, 1]))
-    b = select_random(costs, 2000, np.random.default_rng([7, 1]))
-    c = select_random(costs, 2000, np.random.default_rng([8, 1]))
+    from onnx_neq.selection.registry import SELECTORS, SelectionInputs
+
+    def draw(seed):
+        inputs = SelectionInputs(0, params_model(costs), 2000, costs, np.random.default_rng(seed))
+        return SELECTORS["random"].select(inputs)
+
+    a, b, c = draw([7, 1]), draw([7, 1]), draw([8, 1])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert costs[a].sum() <= 2000
 
@@ -118,3 +127,30 @@ def test_su_scheme_1_on_mobilenet_v2_updates_192312_parameters(tmp_path):
     hand = 576 * 96 + 576 * 96 + 0 + 40 * 576 + 120 * 160 + 120 * 160 + 120 * 160 + 120 * 9
     assert hand == 192_312
     assert int(costs[selected].sum()) == 192_312
+
+
+def test_one_su_picker_counts_batchnorm_with_bn_update_selected(tiny_artifacts):
+    """su_selection's scheme cost by hand: sum over listed layers of int(C_out * ratio) * (C_in*k*k [+2 BN])."""
+    from onnx_neq.manifest import read_manifest
+    from onnx_neq.selection.cost_model import cost_model
+    from onnx_neq.selection.schemes import nearest_builtin_scheme, su_selection
+
+    manifest = read_manifest(tiny_artifacts)
+    manifest.layers = [manifest.layers[i % len(manifest.layers)] for i in range(52)]  # 52 convs: the built-in schemes apply
+    norms = [np.arange(layer.out_channels, dtype=float) for layer in manifest.layers]
+
+    def hand(scheme, bn):
+        return sum(
+            int(manifest.layers[i].out_channels * r) * (manifest.layers[i].neuron_cost + (2 if bn and manifest.layers[i].bn else 0))
+            for i, r in scheme.items()
+        )
+
+    for bn_update in ("always", "selected"):
+        model = cost_model("params", manifest, bn_update)
+        costs = {k: hand(s, bn_update == "selected") for k, s in SU_SCHEMES.items()}
+        for k, cost in costs.items():
+            assert model.cost(select_su(norms, SU_SCHEMES[k])) == cost
+            chosen = su_selection(None, manifest, norms, model, cost)
+            assert model.cost(chosen) == max(c for c in costs.values() if c <= cost)
+            assert nearest_builtin_scheme(manifest, model, cost) == min((j for j in costs if costs[j] == cost), default=k)
+        assert np.array_equal(su_selection("3", manifest, norms, model, None), select_su(norms, SU_SCHEMES[3]))

@@ -21,7 +21,6 @@ import numpy as np
 
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Layer, Manifest
-from onnx_neq.selection.selectors import greedy
 
 KINDS = ("params", "compute", "memory")
 UNITS = {"params": "selectable parameters", "compute": "backward MACs per image", "memory": "bytes"}
@@ -76,24 +75,47 @@ def cost_model(kind: str, manifest: Manifest, bn_update: str = "always", batch_s
 
 
 def greedy_fill(order: np.ndarray, model: CostModel, budget: int, backfill: bool = False) -> np.ndarray:
-    """Walk neurons in `order`; each costs its own cost plus, when its layer is shallower than every
-    selected one so far, the extra reach down to it. Take it while the total stays <= budget. Without
-    backfill stop at the first neuron that does not fit (the authors' code); with it, skip and go on.
-    A model with reach always skips: a shallow neuron early in the order would otherwise end the walk."""
-    if not model.reach.any():  # no reach (params): a cumulative sum does it at once
-        return greedy(np.asarray(order), model.per_neuron, budget, backfill)
+    """The one fill under a budget (docs/ALGORITHM.md, "Budgets"): walk neurons in `order`; each costs its
+    own cost plus, when its layer is shallower than every selected one so far, the extra reach down to it.
+    Take it while the total stays <= budget. Without backfill stop at the first neuron that does not fit
+    (the authors' code); with it, skip and go on. A model with reach always skips: a shallow neuron early
+    in the order would otherwise end the walk."""
+    order = np.asarray(order)
+    if not model.reach.any():
+        return _fill_without_reach(order, model.per_neuron, budget, backfill)
     selected = np.zeros(len(model.per_neuron), bool)
     total, shallowest = 0, len(model.reach) - 1
     per_neuron, layer_of, reach = model.per_neuron.tolist(), model.layer_of.tolist(), model.reach.tolist()
-    for i in np.asarray(order).tolist():
+    for i in order.tolist():
         layer = layer_of[i]
         extra = reach[layer] - reach[shallowest] if layer < shallowest else 0
         if total + per_neuron[i] + extra <= budget:
             selected[i] = True
             total += per_neuron[i] + extra
             shallowest = min(shallowest, layer)
-
     return selected
+
+
+def _fill_without_reach(order: np.ndarray, costs: np.ndarray, budget: int, backfill: bool) -> np.ndarray:
+    """greedy_fill when only the neurons' own costs count (params): a cumulative sum does it at once."""
+    selected = np.zeros(len(costs), bool)
+    if not backfill:
+        fits = np.cumsum(costs[order]) <= budget
+        stop = len(order) if fits.all() else int(np.argmin(fits))
+        selected[order[:stop]] = True
+        return selected
+    total = 0
+    for i in order:
+        if total + costs[i] <= budget:
+            selected[i] = True
+            total += int(costs[i])
+    return selected
+
+
+def params_model(costs: np.ndarray) -> CostModel:
+    """A params cost model over bare per-neuron costs (one layer, no reach): for selections outside a manifest."""
+    costs = np.asarray(costs, np.int64)
+    return CostModel("params", costs, np.zeros(len(costs), np.int64), np.zeros(2, np.int64))
 
 
 def parse_amount(text: str | int, kind: str) -> int:

@@ -1,14 +1,14 @@
 """Gradient-driven neuron selectors, plain numpy, no ONNX (docs/ALGORITHM.md, "gradnorm" and "fisher").
 
-Like selectors.py, every selector works on flat arrays over all neurons (manifest layer order) and
-returns a boolean mask whose selected costs sum to at most the budget.
+Like selectors.py, every function works on flat arrays over all neurons (manifest layer order). Each
+returns the order in which channels are drawn; the registry fills it to the budget with cost_model.greedy_fill.
 
-select_gradnorm  MeDyate-style: sample channels in proportion to their running gradient norm (RunningNorm,
-                 fed from gradient_stats.ChannelStats.grad_norm); channels never trained yet get the largest
-                 norm seen, and the draw can be limited to the layers with the largest gradient norm per
-                 parameter.
-select_fisher    TinyTrain-style: sample channels in proportion to their Fisher potential per parameter
-                 (ChannelStats.fisher / cost).
+gradnorm_order  MeDyate-style: sample channels in proportion to their running gradient norm (RunningNorm,
+                fed from gradient_stats.ChannelStats.grad_norm); channels never trained yet get the largest
+                norm seen, and the draw can be limited to the layers with the largest gradient norm per
+                parameter.
+fisher_order    TinyTrain-style: sample channels in proportion to their Fisher potential per parameter
+                (ChannelStats.fisher / cost).
 
 Sampling without replacement in proportion to weights w uses the Efraimidis-Spirakis key trick in its
 exponential form: each channel gets the key E_i / w_i with E_i ~ Exp(1), and channels are drawn in
@@ -24,24 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_neq.errors import NeqError
-from onnx_neq.selection.selectors import greedy
 
 DEFAULT_DECAY = 0.5
-
-
-def select_gradnorm(
-    norms: np.ndarray,
-    trained_ever: np.ndarray,
-    costs: np.ndarray,
-    budget: int,
-    rng: np.random.Generator,
-    first_epoch: bool = False,
-    layer_sizes: list[int] | np.ndarray | None = None,
-    pool_layers: int | None = None,
-) -> np.ndarray:
-    """MeDyate-style selection: gradnorm_order filled to the budget (skipping what does not fit)."""
-    order = gradnorm_order(norms, trained_ever, costs, rng, first_epoch, layer_sizes, pool_layers)
-    return greedy(order, _costs(costs), budget, backfill=True)
 
 
 def gradnorm_order(
@@ -81,11 +65,6 @@ def gradnorm_order(
         if informed:
             allowed = _pool(weights, costs, sizes, pool_layers)
     return _weighted_order(weights, allowed, rng)
-
-
-def select_fisher(fisher: np.ndarray, costs: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """TinyTrain-style selection: fisher_order filled to the budget (skipping what does not fit)."""
-    return greedy(fisher_order(fisher, costs, rng), _costs(costs), budget, backfill=True)
 
 
 def fisher_order(fisher: np.ndarray, costs: np.ndarray, rng: np.random.Generator) -> np.ndarray:

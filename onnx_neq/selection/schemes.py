@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest
 from onnx_neq.selection.budget import DEFAULT_RATIO
-from onnx_neq.selection.selectors import SU_SCHEMES
+from onnx_neq.selection.cost_model import CostModel
+from onnx_neq.selection.selectors import SU_SCHEMES, select_su
 
 MOBILENET_V2_CONVS = 52
 MAX_SCHEME_BYTES = 1 << 20  # a scheme names at most a few thousand layers
@@ -32,6 +35,38 @@ def load_su_scheme(spec: str | None, manifest: Manifest, budget: int | None, rat
         if not fitting:
             raise NeqError(f"no built-in Sparse Update scheme fits the budget {limit:,}; raise the budget or pass --su-scheme FILE")
         return SU_SCHEMES[max(fitting, key=lambda k: scheme_params(SU_SCHEMES[k], manifest))]
+    if spec.isdigit():
+        if int(spec) not in SU_SCHEMES:
+            raise NeqError(f"--su-scheme {spec}: built-in schemes are 1-5")
+        check_builtin_schemes(manifest, f"Sparse Update scheme {spec}")
+        return SU_SCHEMES[int(spec)]
+    return _from_file(Path(spec), manifest)
+
+
+def su_selection(spec: str | None, manifest: Manifest, norms: list[np.ndarray], model: CostModel, amount: int | None) -> np.ndarray:
+    """The one Sparse Update picker: the mask over all neurons of scheme `spec` (built-in "1".."5" or a
+    JSON/YAML file); without one, of the largest built-in scheme whose cost in `model`'s unit (BatchNorm
+    parameters included with --bn-update selected, reach included for compute and memory) is <= amount.
+    In each listed layer, the channels of largest weight norm (`norms`, one array per layer)."""
+    if spec is not None:
+        return select_su(norms, _named_scheme(spec, manifest))
+    check_builtin_schemes(manifest)
+    costs = {k: model.cost(select_su(norms, scheme)) for k, scheme in SU_SCHEMES.items()}
+    fitting = [k for k in SU_SCHEMES if amount is not None and costs[k] <= amount]
+    if not fitting:
+        raise NeqError(f"no built-in Sparse Update scheme fits the budget of {amount:,} {model.unit}; raise it or pass --su-scheme FILE")
+    return select_su(norms, SU_SCHEMES[max(fitting, key=costs.__getitem__)])
+
+
+def nearest_builtin_scheme(manifest: Manifest, model: CostModel, amount: int) -> int:
+    """The built-in scheme whose cost in `model`'s unit is nearest `amount` (ties: the lower number). A
+    scheme's cost does not depend on which channels of a layer it keeps, so no weights are needed."""
+    check_builtin_schemes(manifest)
+    flat = [np.zeros(layer.out_channels) for layer in manifest.layers]
+    return min(SU_SCHEMES, key=lambda k: abs(model.cost(select_su(flat, SU_SCHEMES[k])) - amount))
+
+
+def _named_scheme(spec: str, manifest: Manifest) -> dict[int, float]:
     if spec.isdigit():
         if int(spec) not in SU_SCHEMES:
             raise NeqError(f"--su-scheme {spec}: built-in schemes are 1-5")

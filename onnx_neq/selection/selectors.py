@@ -10,39 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def greedy(order: np.ndarray, costs: np.ndarray, budget: int, backfill: bool = False) -> np.ndarray:
-    """Walk neurons in `order`, adding costs while the sum stays <= budget.
-
-    Without backfill stop at the first neuron that does not fit (the authors' code); with
-    backfill skip it and keep going with the following, cheaper ones.
-    """
-    selected = np.zeros(len(costs), bool)
-    cumulative = np.cumsum(costs[order])
-    if not backfill:
-        fits = cumulative <= budget
-        stop = len(order) if fits.all() else int(np.argmin(fits))
-        selected[order[:stop]] = True
-        return selected
-    total = 0
-    for i in order:
-        if total + costs[i] <= budget:
-            selected[i] = True
-            total += int(costs[i])
-    return selected
-
-
 def velocity_ranking(velocity: np.ndarray, costs: np.ndarray) -> np.ndarray:
     """Neurons by |velocity| / cost, descending (ties in index order)."""
     return np.argsort(-(np.abs(velocity) / costs), kind="stable")
-
-
-def select_velocity(velocity: np.ndarray, costs: np.ndarray, budget: int, backfill: bool = False) -> np.ndarray:
-    return greedy(velocity_ranking(velocity, costs), costs, budget, backfill)
-
-
-def select_random(costs: np.ndarray, budget: int, rng: np.random.Generator, backfill: bool = False) -> np.ndarray:
-    """A fresh random permutation of all neurons, taken greedily until the budget."""
-    return greedy(rng.permutation(len(costs)), costs, budget, backfill)
 
 
 def select_full(costs: np.ndarray) -> np.ndarray:
