@@ -174,19 +174,19 @@ def velocity_selection(artifacts: Path, velocity: np.ndarray, ratio: float, cost
 def su_selection(artifacts: Path, ratio: float) -> np.ndarray:
     from onnx_neq.graph.artifacts import FILES
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selection.schemes import MOBILENET_V2_CONVS, load_su_scheme
-    from onnx_neq.selection.selectors import greedy, select_su
+    from onnx_neq.selection.cost_model import cost_model, greedy_fill
+    from onnx_neq.selection.schemes import MOBILENET_V2_CONVS, su_selection
 
     manifest = read_manifest(artifacts)
     params = np.load(artifacts / FILES["parameters"])
     norms = [np.linalg.norm(params[layer.weight].reshape(layer.out_channels, -1), axis=1) for layer in manifest.layers]
     budget = int(manifest.selectable_params * ratio)
+    model = cost_model("params", manifest)
     if len(manifest.layers) == MOBILENET_V2_CONVS:
-        return select_su(norms, load_su_scheme(None, manifest, budget, None))
-    costs = np.concatenate([np.full(layer.out_channels, layer.neuron_cost) for layer in manifest.layers])
+        return su_selection(None, manifest, norms, model, budget)
     offsets = np.cumsum([0] + [layer.out_channels for layer in manifest.layers])
     order = np.concatenate([offsets[i] + np.argsort(-norms[i], kind="stable") for i in reversed(range(len(norms)))])
-    return greedy(order, costs, budget, backfill=True)
+    return greedy_fill(order, model, budget, backfill=True)
 
 
 def counts(artifacts: Path, selected: np.ndarray, method: str) -> tuple[int, int]:

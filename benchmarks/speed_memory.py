@@ -44,12 +44,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def _select(taps, taps_prev, names, costs, budget, state):
-    from onnx_neq.selection.selectors import select_velocity
+    from onnx_neq.selection.cost_model import greedy_fill, params_model
+    from onnx_neq.selection.selectors import velocity_ranking
     from onnx_neq.selection.velocity import layer_phi
 
     phi = layer_phi(taps, taps_prev, names)
     velocity = state.update(phi)
-    return select_velocity(velocity, costs, budget)
+    return greedy_fill(velocity_ranking(velocity, costs), params_model(costs), budget)
 
 
 def worker_backend(args) -> dict:
@@ -151,7 +152,8 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path,
     from onnx_neq.export import export
     from onnx_neq.graph.prepare import prepare
     from onnx_neq.manifest import read_manifest
-    from onnx_neq.selection.selectors import select_random, split_by_layer
+    from onnx_neq.selection.cost_model import greedy_fill, params_model
+    from onnx_neq.selection.selectors import split_by_layer
 
     torch.manual_seed(0)
     weights = workdir / f"{arch}.pth"
@@ -161,7 +163,8 @@ def prepare_case(arch: str, resolution: int, workdir: Path) -> tuple[Path, Path,
     prepare(workdir / f"{arch}.onnx", artifacts)
     manifest = read_manifest(artifacts)
     costs = np.concatenate([np.full(l.out_channels, l.neuron_cost) for l in manifest.layers])
-    selected = select_random(costs, int(manifest.selectable_params * 0.308), np.random.default_rng(0))
+    order = np.random.default_rng(0).permutation(len(costs))
+    selected = greedy_fill(order, params_model(costs), int(manifest.selectable_params * 0.308))
     masks = dict(zip([l.name for l in manifest.layers], split_by_layer(selected, [l.out_channels for l in manifest.layers])))
     np.savez(workdir / f"{arch}-masks.npz", **masks)
     return weights, artifacts, workdir / f"{arch}-masks.npz"
