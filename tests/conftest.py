@@ -153,3 +153,16 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def resnet18_artifacts(tmp_path_factory) -> Path:
+    """A randomly initialized (seed 0) ResNet-18 at 32 px with 10 classes, exported and prepared once."""
+    from onnx_neq.export import export
+    from onnx_neq.graph.prepare import prepare
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("resnet18")
+    export("resnet18", root / "r18.onnx", num_classes=10, resolution=32)
+    prepare(root / "r18.onnx", root / "art")
+    return root / "art"

@@ -1,0 +1,27 @@
+"""Helpers shared by test files (fixtures are in conftest.py): the CLI in a subprocess, the onnx light zoo.
+
+Import as `from support import cli, LIGHT_ZOO` (pytest puts this folder on sys.path with conftest.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# onnx's own test models (AlexNet, GoogLeNet, SqueezeNet, ...): third-party exports shipped with the onnx package
+LIGHT_ZOO = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
+
+
+def cli_command(*args: str) -> list[str]:
+    """The argv of `onnx-neq ARGS` with this interpreter."""
+    return [sys.executable, "-m", "onnx_neq.cli", *args]
+
+
+def cli(*args: str, cwd=None, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`onnx-neq ARGS` in a subprocess, output captured as text; the caller checks the exit status."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
