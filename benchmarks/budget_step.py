@@ -1,6 +1,6 @@
 """What a training step costs at a budget: PyTorch's three ways against onnx-neq's two backends.
 
-One table from one run (BENCHMARKS.md, "A step that costs what the budget buys"): ms/step, peak RSS,
+One table from one run (docs/benchmarks/budget-step.md): ms/step, peak RSS,
 backward MACs per image and trained parameters for
 
   torch-full      PyTorch, full fine-tuning (every parameter, no masks)

@@ -119,7 +119,7 @@ def session_options(threads: int = 0, memory_pattern: bool = False):
 
     The memory pattern (ORT's default) plans one block for all intermediate tensors of a run. For the
     lowered training graphs it nearly doubles peak RSS (MobileNetV2 128 px, batch 32: 1.9 GiB with it,
-    1.0 GiB without) and measured no faster (BENCHMARKS.md, the budget table's specialized-pattern
+    1.0 GiB without) and measured no faster (docs/benchmarks/budget-step.md, the budget table's specialized-pattern
     rows). Memory is what a board lacks, so it is off unless asked for (--memory-pattern)."""
     opts = onnxruntime().SessionOptions()
     opts.log_severity_level = 4  # fatal only: a failure reaches the user as the exception's one line, not as native log lines

@@ -1,4 +1,4 @@
-"""A board holds four files of the artifacts (README, "Running on a board"): manifest.json,
+"""A board holds four files of the artifacts (docs/boards.md): manifest.json,
 portable_training_model.onnx, eval_model.onnx and parameters.npz. The portable and specialised backends
 train, resume, export and evaluate from those alone; a run's fingerprint covers the manifest and the files
 its backend reads, so another file coming or going does not block a resume, and a changed one does."""
