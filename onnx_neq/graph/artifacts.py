@@ -81,12 +81,12 @@ def generate(
     directory.mkdir(parents=True, exist_ok=True)
     training, grads = build_training_model(model, groups.trainable, groups.frozen, layers, logits, LABEL_INPUT, bn_positions)
     onnx.save(training, str(directory / PORTABLE_FILES["portable_training_model"]))
-    eval_path = directory / PORTABLE_FILES["eval_model"]
-    onnx.save(build_eval_model(model, groups.trainable + groups.frozen, logits, LABEL_INPUT), str(eval_path))
-    taps, bn = ActivationTapPass(layers), BatchNormInferencePass()
-    _rewrite(eval_path, [bn, taps])
+    eval_model = ir.serde.deserialize_model(build_eval_model(model, groups.trainable + groups.frozen, logits, LABEL_INPUT))
+    bn = BatchNormInferencePass()(eval_model).report
+    taps = ActivationTapPass(layers)(eval_model).report
+    ir.save(eval_model, str(directory / PORTABLE_FILES["eval_model"]))
     _write_parameters(model, groups.trainable + groups.frozen, directory / PORTABLE_FILES["parameters"])
-    report = ArtifactsReport(grads.loss_output, grads.mask_inputs, taps.taps, bn.changed, grads.bn_stats, dict(PORTABLE_FILES))
+    report = ArtifactsReport(grads.loss_output, grads.mask_inputs, list(taps.taps), bn.changed, grads.bn_stats, dict(PORTABLE_FILES))
     report.unreached = grads.unreached
     if ort_training is None:
         ort_training = has_training()
@@ -115,10 +115,9 @@ def _write_ort_artifacts(model, groups, layers, optimizer, weight_decay, directo
         _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), ort_dir, logits)
         user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
         masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
-        stats = BatchNormStatisticsPass(bn_positions or {})
-        training = _rewrite(ort_dir / ORT_FILES["training_model"], [masks, stats])
+        training, (_, stats) = _rewrite(ort_dir / ORT_FILES["training_model"], [masks, BatchNormStatisticsPass(bn_positions or {})])
         renames = {training.graph.outputs[0].name: report.loss_output}
-        theirs = {s["running_mean"]: s for s in stats.stats}
+        theirs = {s["running_mean"]: s for s in stats.report.stats}
         if set(theirs) != {s["running_mean"] for s in report.bn_stats}:
             raise NeqError("onnxruntime-training's graph has other training-mode BatchNorms than onnx-neq's")
         for ours in report.bn_stats:
@@ -268,8 +267,9 @@ def _untrainable_message(found: dict[str, list[str]]) -> str:
     )
 
 
-def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> ir.Model:
+def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> tuple[ir.Model, list[ir.passes.PassResult]]:
+    """The model at `path` through `passes`, saved back: the model and each pass's result (with its report)."""
     model = ir.load(str(path))
-    ir.passes.Sequential(*passes)(model)
+    results = [each(model) for each in passes]
     ir.save(model, str(path))
-    return model
+    return model, results

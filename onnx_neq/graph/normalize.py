@@ -2,8 +2,10 @@
 
 dims written as -1 -> named dynamic dims                       (Paddle2ONNX's dynamic batch)
 opset != 17 -> onnx's version converter to 17, IR version 8   (IR <= 10 is what ORT 1.19.2 reads)
+shapes -> onnx's shape inference filled in                      (ShapeInferencePass, where it succeeds)
 Constant / ConstantOfShape weights -> initializers             (ConstantWeightsPass)
-unused initializers and graph inputs that are initializers -> removed
+graph inputs that are initializers -> removed                   (RemoveInitializersFromInputsPass)
+unused initializers -> removed
 unnamed nodes -> named <op>_<index> (layers, taps and BatchNorm matching find Convs by name)
 several outputs -> the first, if it holds class scores [N, K] (the others and what only they need
     are dropped, and reported), else one line naming them
@@ -16,12 +18,13 @@ dynamic spatial input dims -> fixed by --input-shape (the batch dimension stays 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveInitializersFromInputsPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.passes.constant_weights import ConstantWeightsPass
@@ -61,6 +64,7 @@ class NormalizeReport:
 
 
 def convert_opset(proto: onnx.ModelProto, report: NormalizeReport) -> onnx.ModelProto:
+    """The model at opset 17 and an IR version ORT reads (onnx's version converter takes a ModelProto)."""
     _free_negative_dims(proto.graph)
     opset = default_opset(proto)
     if opset != TARGET_OPSET:
@@ -74,11 +78,34 @@ def convert_opset(proto: onnx.ModelProto, report: NormalizeReport) -> onnx.Model
             ) from None
         report.opset = (opset, TARGET_OPSET)
     proto.ir_version = min(proto.ir_version, TARGET_IR) if report.opset is None else TARGET_IR
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # shapes are a convenience here; ORT infers them again
-        pass
     return proto
+
+
+# onnx.shape_inference.infer_shapes' defaults; the pass leaves the model as it is where inference fails
+_SHAPE_INFERENCE = ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)
+_SHAPE_INFERENCE_LOG = logging.getLogger("onnx_ir.passes.common.shape_inference")
+
+
+def infer_shapes(model: ir.Model) -> bool:
+    """onnx's shape inference into `model`, in place; whether a shape or type changed. A failure leaves the
+    model as it is and is no error (shapes are a convenience here; ORT infers them again), so the pass's warning
+    about it (onnx-ir 1.1.0 logs the whole traceback) is not shown. The pass sets the initializers over 1 kB
+    aside and registers them again last: their order, the order of the parameters in the artifacts, is put back."""
+    order = list(model.graph.initializers.values())
+    _SHAPE_INFERENCE_LOG.addFilter(_no_record)
+    try:
+        modified = _SHAPE_INFERENCE(model).modified
+    finally:
+        _SHAPE_INFERENCE_LOG.removeFilter(_no_record)
+    if list(model.graph.initializers.values()) != order:
+        for value in order:
+            del model.graph.initializers[value.name]
+            model.graph.initializers.add(value)
+    return modified
+
+
+def _no_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _free_negative_dims(graph: onnx.GraphProto) -> None:
@@ -92,16 +119,13 @@ def _free_negative_dims(graph: onnx.GraphProto) -> None:
 
 def normalize(model: ir.Model, report: NormalizeReport, input_shape: list[int] | None = None) -> None:
     """The graph passes, in place."""
-    _drop_initializer_inputs(model)
+    infer_shapes(model)
+    RemoveInitializersFromInputsPass()(model)  # IR < 4 lists every initializer as a graph input too
     _name_nodes(model)
     report.dropped_outputs = _keep_first_output(model)
-    lift = ConstantWeightsPass()
-    lift(model)
-    report.lifted_weights = len(lift.lifted)
+    report.lifted_weights = len(ConstantWeightsPass()(model).report.lifted)
     _drop_unused_initializers(model)
-    activation = OutputActivationPass()
-    activation(model)
-    report.output_activation = activation.removed
+    report.output_activation = OutputActivationPass()(model).report.removed
     _flatten_logits(model, report)
     if input_shape:
         _fix_input_shape(model, input_shape)
@@ -113,10 +137,8 @@ def _flatten_logits(model: ir.Model, report: NormalizeReport) -> None:
     out = model.graph.outputs[0]
     if out.shape is None or out.shape.rank() <= 2 or any(d != 1 for d in out.shape[2:]):
         return
-    node = ir.node("Flatten", [out], attributes={"axis": 1}, name="neq.flatten_logits")
-    flat = node.outputs[0]
-    flat.name, flat.type, flat.shape = out.name + ".flat", out.type, ir.Shape([out.shape[0], out.shape[1]])
-    model.graph.append(node)
+    flat = ir.Value(name=out.name + ".flat", type=out.type, shape=ir.Shape([out.shape[0], out.shape[1]]))
+    ir.tape.Tape(model.graph).op("Flatten", [out], attributes={"axis": 1}, name="neq.flatten_logits", output=flat)  # appended
     model.graph.outputs[0] = flat
     report.rewritten["Flatten (4-D logits)"] = 1
 
@@ -151,7 +173,12 @@ def _shape_text(shape: ir.Shape | None) -> str:
 
 
 def _name_nodes(model: ir.Model) -> None:
-    """Give every unnamed node of the main graph a unique name (exporters may leave names out)."""
+    """Give every unnamed node of the main graph a unique name <op>_<index> (exporters may leave names out).
+
+    Not onnx-ir's NameFixPass: it would also rename named nodes that share a name, and a named node whose
+    name an earlier unnamed node took (layers, taps, manifests and BatchNorm matching refer to the names the
+    exporter wrote), give omitted optional outputs ("") a name, and name the unnamed nodes node, node_1, ...
+    where manifests written so far have <op>_<index>."""
     taken = {node.name for node in model.graph if node.name}
     for index, node in enumerate(model.graph):
         if not node.name:
@@ -162,15 +189,9 @@ def _name_nodes(model: ir.Model) -> None:
             taken.add(name)
 
 
-def _drop_initializer_inputs(model: ir.Model) -> None:
-    """IR < 4 lists every initializer as a graph input too; they are parameters, not inputs."""
-    graph = model.graph
-    keep = [v for v in graph.inputs if v.name not in graph.initializers]
-    graph.inputs.clear()
-    graph.inputs.extend(keep)
-
-
 def _drop_unused_initializers(model: ir.Model) -> None:
+    """Initializers nothing reads. Not onnx-ir's RemoveUnusedNodesPass: it would also remove nodes whose outputs
+    nothing reads and drop unread optional outputs (a MaxPool's Indices, an inference BatchNorm's statistics)."""
     graph = model.graph
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_neq.errors import NeqError
 from onnx_neq.graph import artifacts
 from onnx_neq.graph.conv_layers import ConvLayer, find_conv_layers
-from onnx_neq.graph.normalize import NormalizeReport, convert_opset, normalize
+from onnx_neq.graph.normalize import NormalizeReport, convert_opset, infer_shapes, normalize
 from onnx_neq.graph.parameters import ParameterGroups, group_parameters
 from onnx_neq.graph.passes.activation_rewrites import ActivationRewritePass
 from onnx_neq.graph.passes.batchnorm_affine import BatchNormAffinePass
@@ -44,6 +44,24 @@ class PrepareReport:
     unreached: list[str] = field(default_factory=list)  # trained parameters the loss does not depend on
 
 
+@dataclass
+class _Forward:
+    """The forward model as artifacts.generate takes it, and what the steps that made it found."""
+
+    proto: onnx.ModelProto
+    layers: list[ConvLayer]
+    groups: ParameterGroups
+    geometry: dict[str, tuple]
+    bn_positions: dict[str, int]
+    input_spec: InputSpec
+    logits: str
+    num_classes: int
+    normalized: NormalizeReport
+    head_replaced: tuple[int, int] | None
+    dropout_removed: int
+    frozen_bn_rewritten: int
+
+
 def prepare(
     model_path: str | Path,
     out_dir: str | Path,
@@ -58,42 +76,69 @@ def prepare(
     """Turn `model_path` into training artifacts in `out_dir`; nothing is left half-written."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     check_replaceable(out_dir, model_path)
+    forward = _forward_model(model_path, mean, std, num_classes, seed, input_shape)
+    if weight_decay is None:
+        weight_decay = 0.01 if optimizer == "adamw" else 0.0
+    spec = forward.input_spec
+    options = {
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "mean": spec.mean,
+        "std": spec.std,
+        "seed": seed,
+        "input_shape": input_shape,
+    }
+    manifest, report = _write_artifacts(forward, model_path, out_dir, options)
+    return PrepareReport(
+        manifest,
+        out_dir,
+        report.bn_nodes_fixed,
+        forward.frozen_bn_rewritten,
+        forward.dropout_removed,
+        forward.head_replaced,
+        forward.normalized,
+        report.ort_training,
+        report.unreached,
+    )
+
+
+def _forward_model(
+    model_path: Path, mean: list[float] | None, std: list[float] | None, num_classes: int | None, seed: int, input_shape: list[int] | None
+) -> _Forward:
+    """Load, normalize and rewrite the model: one ir.Model from the opset conversion (onnx's, on a ModelProto)
+    to the ModelProto artifacts.generate takes."""
     normalized = NormalizeReport()
-    proto = convert_opset(load_model(model_path), normalized)
-    model = ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(convert_opset(load_model(model_path), normalized))
     normalize(model, normalized, input_shape)
-    head = ClassifierHeadPass(num_classes, seed) if num_classes else None
-    dropout = DropoutRemovalPass()
-    ir.passes.Sequential(*filter(None, [head, dropout]))(model)
-    proto = ir.serde.serialize_model(model)
+    head = ClassifierHeadPass(num_classes, seed)(model).report.replaced if num_classes else None
+    dropout = DropoutRemovalPass()(model).report.removed
     layers = find_conv_layers(model)
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
-    groups = group_parameters(model, layers)  # before the rewrite below hides BatchNorm's parameters
-    inferred = _with_shapes(ir.serde.serialize_model(model))
+    groups = group_parameters(model, layers)  # before the rewrites below hide BatchNorm's parameters
+    inferred = model.clone()  # the shapes of every value, for the geometry only: the artifacts keep the model's own
+    infer_shapes(inferred)
     geometry, bn_positions = layer_geometry(inferred, layers), training_bn_positions(inferred)
-    input_spec, logits, num_classes = _describe_io(proto, model_path, mean, std)
-    affine, rewrites = BatchNormAffinePass(), ActivationRewritePass()
-    ir.passes.Sequential(affine, rewrites)(model)  # after grouping: the rewritten ops' parameters keep their group
-    normalized.rewritten.update(rewrites.rewritten)
+    input_spec, logits, num_classes = _describe_io(model, model_path, mean, std)
+    affine = BatchNormAffinePass()(model).report  # after grouping: the rewritten ops' parameters keep their group
+    normalized.rewritten.update(ActivationRewritePass()(model).report.rewritten)
     proto = ir.serde.serialize_model(model)
+    return _Forward(
+        proto, layers, groups, geometry, bn_positions, input_spec, logits, num_classes, normalized, head, dropout, len(affine.rewritten)
+    )
+
+
+def _write_artifacts(forward: _Forward, model_path: Path, out_dir: Path, options: dict) -> tuple[Manifest, artifacts.ArtifactsReport]:
+    """The artifacts and manifest in a staging folder, renamed into place once complete."""
     staging = _staging_dir(out_dir)
     try:
-        if weight_decay is None:
-            weight_decay = 0.01 if optimizer == "adamw" else 0.0
-        report = artifacts.generate(proto, groups, layers, optimizer, staging, logits, weight_decay, bn_positions)
-        manifest = _manifest(model_path, optimizer, input_spec, logits, num_classes, report, groups, layers, geometry)
+        f, optimizer, weight_decay = forward, options["optimizer"], options["weight_decay"]
+        report = artifacts.generate(f.proto, f.groups, f.layers, optimizer, staging, f.logits, weight_decay, f.bn_positions)
+        manifest = _manifest(model_path, optimizer, f.input_spec, f.logits, f.num_classes, report, f.groups, f.layers, f.geometry)
         manifest.weight_decay = weight_decay
-        manifest.output_activation = normalized.output_activation
+        manifest.output_activation = f.normalized.output_activation
         manifest.bn_stats = report.bn_stats
-        manifest.prepare_options = {
-            "optimizer": optimizer,
-            "weight_decay": weight_decay,
-            "mean": input_spec.mean,
-            "std": input_spec.std,
-            "seed": seed,
-            "input_shape": input_shape,
-        }
+        manifest.prepare_options = options
         problem = manifest.problem()
         if problem:
             raise NeqError(f"{model_path}: {problem}; onnx-neq cannot fine-tune this model")
@@ -102,42 +147,37 @@ def prepare(
     finally:
         if (staging / STAGING_MARK).exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return PrepareReport(
-        manifest,
-        out_dir,
-        report.bn_nodes_fixed,
-        len(affine.rewritten),
-        dropout.removed,
-        head.replaced if head else None,
-        normalized,
-        report.ort_training,
-        report.unreached,
-    )
+    return manifest, report
 
 
-def _describe_io(proto: onnx.ModelProto, path: Path, mean, std) -> tuple[InputSpec, str, int]:
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = [v for v in proto.graph.input if v.name not in initializers]
+def _describe_io(model: ir.Model, path: Path, mean, std) -> tuple[InputSpec, str, int]:
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.name not in graph.initializers]
     if len(inputs) != 1:
         raise NeqError(f"{path} has {len(inputs)} data inputs ({[v.name for v in inputs]}); onnx-neq expects one image input")
-    if not proto.graph.output:
+    if not graph.outputs:
         raise NeqError(f"{path} has no graph output")
-    out = proto.graph.output[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    out = graph.outputs[0]
+    dims = _dims(inputs[0])
     if len(dims) != 4:
         raise NeqError(f"{path}: input '{inputs[0].name}' has rank {len(dims)}; expected an NCHW image batch")
     if any(d is None for d in dims[1:]):
         raise NeqError(
             f"{path}: input '{inputs[0].name}' has dynamic dims {['?' if d is None else d for d in dims]}; pass --input-shape 1,3,H,W (the batch stays dynamic)"
         )
-    out_dims = out.type.tensor_type.shape.dim
-    num_classes = out_dims[-1].dim_value if out_dims and out_dims[-1].HasField("dim_value") else 0
+    out_dims = _dims(out)
+    num_classes = out_dims[-1] if out_dims and out_dims[-1] is not None else 0
     if num_classes <= 1:
         raise NeqError(f"{path}: output '{out.name}' does not have a fixed class dimension; expected logits [N, classes]")
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = model.metadata_props
     mean = mean or _floats(meta.get("onnx_neq.mean")) or IMAGENET_MEAN
     std = std or _floats(meta.get("onnx_neq.std")) or IMAGENET_STD
     return InputSpec(inputs[0].name, [None, *dims[1:]], list(mean), list(std)), out.name, num_classes
+
+
+def _dims(value: ir.Value) -> list[int | None]:
+    """A value's dims, None where one is not a fixed size ([] where its shape is unknown)."""
+    return [d if isinstance(d, int) else None for d in value.shape] if value.shape is not None else []
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -185,33 +225,31 @@ def _manifest(
     )
 
 
-def _with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with onnx's shape inference filled in (as it is, where inference fails)."""
-    try:
-        return onnx.shape_inference.infer_shapes(proto)
-    except Exception:
-        return proto
-
-
-def layer_geometry(inferred: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, tuple]:
+def layer_geometry(model: ir.Model, layers: list[ConvLayer]) -> dict[str, tuple]:
     """layer -> (input [C, H, W], output [C, H, W], [BN scale, BN bias]) of a model with inferred shapes."""
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    values += [out for node in model.graph for out in node.outputs]
     shapes = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
-        if len(dims) >= 3 and all(d > 0 for d in dims[1:]):
+    for v in values:
+        dims = list(v.shape) if v.shape is not None else []
+        if len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
             shapes[v.name] = dims[1:]
-    nodes = {n.name or n.output[0]: n for n in inferred.graph.node}
-    consumers: dict[str, list] = {}
-    for n in inferred.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    nodes = {n.name or n.outputs[0].name: n for n in model.graph}
+    consumers: dict[str, list[ir.Node]] = {}
+    for n in model.graph:
+        for i in n.inputs:
+            consumers.setdefault(i.name if i is not None else "", []).append(n)
     out = {}
     for layer in layers:
         conv = nodes.get(layer.node)
         if conv is None:
             continue
         bn = [n for n in consumers.get(layer.output, []) if n.op_type == "BatchNormalization"]
-        out[layer.name] = (shapes.get(conv.input[0]), shapes.get(layer.output), list(bn[0].input[1:3]) if bn else [])
+        out[layer.name] = (
+            shapes.get(conv.inputs[0].name),
+            shapes.get(layer.output),
+            [v.name if v is not None else "" for v in bn[0].inputs[1:3]] if bn else [],
+        )
     return out
 
 

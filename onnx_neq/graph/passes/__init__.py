@@ -1,1 +1,1 @@
-"""Pure graph passes: model in, model out, plus a report of what each changed."""
+"""Pure graph passes: model in; model out, with `modified` and a report of what that call changed (`_result.ReportedResult`)."""

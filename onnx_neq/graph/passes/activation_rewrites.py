@@ -20,60 +20,64 @@ ConvGrad has neither problem. The added convs hold constants: they are not layer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_neq.graph.lowering.pool_grads import inverse_counts
-from onnx_neq.graph.passes._values import add_initializer, take_over
+from onnx_neq.graph.passes._result import ReportedResult
+from onnx_neq.graph.passes._splice import splice, take_over
+
+
+@dataclass(frozen=True)
+class ActivationRewriteReport:
+    rewritten: dict[str, int]  # op type -> how many nodes of it were rewritten
 
 
 class ActivationRewritePass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rewritten: dict[str, int] = {}
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ReportedResult[ActivationRewriteReport]:
         graph = model.graph
+        rewritten: dict[str, int] = {}
         for node in list(graph):
             build = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if build is None:
                 continue
-            rewriter = _Builder(graph, node)
-            out = build(rewriter, node)
+            builder = _Builder(node)
+            out = build(builder, node)
             if out is None:  # this node's form needs no rewrite
                 continue
-            rewriter.finish(out)
-            self.rewritten[node.op_type] = self.rewritten.get(node.op_type, 0) + 1
-        return ir.passes.PassResult(model, modified=bool(self.rewritten))
+            builder.finish(graph, out)
+            rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
+        return ReportedResult(model, bool(rewritten), ActivationRewriteReport(rewritten))
 
 
 class _Builder:
-    """Creates the replacement nodes before `node`, then hands its output over."""
+    """Records the replacement of `node` on a tape, named after it (<node>.<op><n>, <node>.c<n>), then
+    puts it in before the node and hands the node's output over."""
 
-    def __init__(self, graph: ir.Graph, node: ir.Node):
-        self.graph, self.node, self.nodes, self.n = graph, node, [], 0
+    def __init__(self, node: ir.Node):
+        self.tape, self.node, self.n = ir.tape.Tape(), node, 0
         self.prefix = node.name or node.outputs[0].name
 
     def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
         self.n += 1
-        n = ir.node(op_type, list(inputs), attributes=attributes or None, name=f"{self.prefix}.{op_type.lower()}{self.n}")
-        n.outputs[0].name = n.name
-        self.nodes.append(n)
-        return n.outputs[0]
+        name = f"{self.prefix}.{op_type.lower()}{self.n}"
+        return self.tape.op(op_type, list(inputs), attributes=attributes or None, name=name, output=ir.Value(name=name))
 
     def const(self, value: float) -> ir.Value:
         return self.array(np.array(value, np.float32))
 
     def array(self, values: np.ndarray) -> ir.Value:
         self.n += 1
-        return add_initializer(self.graph, f"{self.prefix}.c{self.n}", values)
+        name = f"{self.prefix}.c{self.n}"
+        return self.tape.initializer(ir.tensor(values, name=name))
 
-    def finish(self, out: ir.Value) -> None:
-        self.graph.insert_before(self.node, self.nodes)
+    def finish(self, graph: ir.Graph, out: ir.Value) -> None:
+        splice(graph, self.tape, before=self.node)
         out.type, out.shape = self.node.outputs[0].type, self.node.outputs[0].shape
         take_over(self.node.outputs[0], out)
-        self.graph.remove(self.node, safe=True)
+        graph.remove(self.node, safe=True)
 
 
 def _hard_sigmoid(b: _Builder, x: ir.Value, alpha: float, beta: float) -> ir.Value:

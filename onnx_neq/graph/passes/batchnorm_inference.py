@@ -9,25 +9,32 @@ BatchNormalization schema forbids in inference mode; this pass drops them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
+
+from onnx_neq.graph.passes._result import ReportedResult
+
+
+@dataclass(frozen=True)
+class BatchNormInferenceReport:
+    changed: int  # BatchNorms put in inference mode (training_mode dropped, extra outputs too)
 
 
 class BatchNormInferencePass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.changed = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ReportedResult[BatchNormInferenceReport]:
         graph_outputs = {v.name for v in model.graph.outputs}
+        changed = 0
         for node in model.graph:
             if node.op_type != "BatchNormalization":
                 continue
             extra = node.outputs[1:]
             if any(v.uses() or v.name in graph_outputs for v in extra):
                 continue  # someone reads the running statistics: leave the node alone
-            if "training_mode" in node.attributes:
-                node.attributes.pop("training_mode")
+            if "training_mode" not in node.attributes and not extra:
+                continue  # already in inference mode
+            node.attributes.pop("training_mode", None)
             if extra:
                 node.resize_outputs(1)
-            self.changed += 1
-        return ir.passes.PassResult(model, modified=self.changed > 0)
+            changed += 1
+        return ReportedResult(model, changed > 0, BatchNormInferenceReport(changed))

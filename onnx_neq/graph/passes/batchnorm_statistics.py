@@ -12,9 +12,18 @@ evaluation uses statistics of the target data. Runs on the training model of gen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
+from onnx_neq.graph.passes._result import ReportedResult
+
 TRAINING_BN = ("BatchNormInternal",)
+
+
+@dataclass(frozen=True)
+class BatchNormStatisticsReport:
+    stats: tuple[dict, ...]  # per exposed BatchNorm: running_mean, running_var, batch_mean, batch_inv_std, epsilon, positions
 
 
 class BatchNormStatisticsPass(ir.passes.InPlacePass):
@@ -22,11 +31,10 @@ class BatchNormStatisticsPass(ir.passes.InPlacePass):
         """positions: running_mean initializer name -> H*W of that BatchNorm's input."""
         super().__init__()
         self.positions = positions
-        self.stats: list[dict] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = []
+    def call(self, model: ir.Model) -> ReportedResult[BatchNormStatisticsReport]:
         graph = model.graph
+        stats = []
         for node in graph:
             if node.op_type not in TRAINING_BN or len(node.outputs) < 5 or len(node.inputs) < 5:
                 continue
@@ -35,7 +43,7 @@ class BatchNormStatisticsPass(ir.passes.InPlacePass):
             if not mean.name or not inv_std.name or running_mean not in self.positions:
                 continue
             graph.outputs.extend([mean, inv_std])
-            self.stats.append(
+            stats.append(
                 {
                     "running_mean": running_mean,
                     "running_var": running_var,
@@ -45,20 +53,21 @@ class BatchNormStatisticsPass(ir.passes.InPlacePass):
                     "positions": self.positions[running_mean],
                 }
             )
-        return ir.passes.PassResult(model, modified=bool(self.stats))
+        return ReportedResult(model, bool(stats), BatchNormStatisticsReport(tuple(stats)))
 
 
-def training_bn_positions(inferred) -> dict[str, int]:
-    """running_mean name -> H*W of the input, for every training-mode BatchNormalization of a forward
-    ModelProto whose shapes onnx's shape inference has filled in."""
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.input]}
+def training_bn_positions(model: ir.Model) -> dict[str, int]:
+    """running_mean name -> H*W of the input, for every training-mode BatchNormalization of a forward model
+    whose shapes onnx's shape inference has filled in (where a spatial dim is unknown, none)."""
     out = {}
-    for node in inferred.graph.node:
-        training = any(a.name == "training_mode" and a.i == 1 for a in node.attribute)
-        shape = shapes.get(node.input[0], [])
-        if node.op_type == "BatchNormalization" and training and len(shape) >= 2 and all(d > 0 for d in shape[2:]):
+    for node in model.graph:
+        if node.op_type != "BatchNormalization" or node.attributes.get_int("training_mode", 0) != 1:
+            continue
+        shape = node.inputs[0].shape if node.inputs[0] is not None else None
+        dims = [d if isinstance(d, int) else 0 for d in shape] if shape is not None else []  # 0: unknown, as onnx writes it
+        if len(dims) >= 2 and all(d > 0 for d in dims[2:]):
             positions = 1
-            for d in shape[2:]:
+            for d in dims[2:]:
                 positions *= d
-            out[node.input[3]] = positions
+            out[node.inputs[3].name] = positions
     return out

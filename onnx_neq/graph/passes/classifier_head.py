@@ -11,34 +11,41 @@ Its initializers are replaced in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.conv_layers import find_head_conv, keeps_values
+from onnx_neq.graph.passes._result import ReportedResult
+
+
+@dataclass(frozen=True)
+class ClassifierHeadReport:
+    replaced: tuple[int, int]  # (old classes, new classes)
 
 
 class ClassifierHeadPass(ir.passes.InPlacePass):
     def __init__(self, num_classes: int, seed: int = 0):
         super().__init__()
         self.num_classes = num_classes
-        self.rng = np.random.default_rng(seed)
-        self.replaced: tuple[int, int] | None = None  # (old classes, new classes)
+        self.seed = seed
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ReportedResult[ClassifierHeadReport]:
+        rng = np.random.default_rng(self.seed)  # per call: equal models get equal heads
         conv = find_head_conv(model)
         node = conv if conv is not None else _head(model.graph)
         weight, bias, transposed = _weight_and_bias(node)
         w = weight.const_value.numpy()
         features, old = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         bound = 1.0 / np.sqrt(features)
-        new_w = self.rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
+        new_w = rng.uniform(-bound, bound, (self.num_classes, features)).astype(w.dtype)
         _replace(weight, new_w.reshape(self.num_classes, features, *w.shape[2:]) if transposed else new_w.T.copy())
-        _replace(bias, self.rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
+        _replace(bias, rng.uniform(-bound, bound, self.num_classes).astype(w.dtype))
         first = node.inputs[_matmul_input(node)].producer() if node.op_type == "Add" else node  # MatMul + Add: from the MatMul on
         _set_class_dim(first.outputs[0], old, self.num_classes)
-        self.replaced = (old, self.num_classes)
-        return ir.passes.PassResult(model, modified=True)
+        return ReportedResult(model, True, ClassifierHeadReport((old, self.num_classes)))
 
 
 def _head(graph: ir.Graph) -> ir.Node:

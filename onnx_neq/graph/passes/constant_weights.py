@@ -4,42 +4,48 @@ Before:  W = Constant <value = T> ()                 (Paddle, TensorFlow exporte
          W = ConstantOfShape <value = v> (S)         (S an initializer; onnx's test zoo)
 After:   W is an initializer holding T, or full(S, v); the nodes are gone
 
-Only values consumed by some node are lifted; unused inputs and initializers left behind are
-removed by the passes that run after this one.
+Every such node whose output is not a graph output is lifted; unused inputs and initializers left
+behind are removed by the steps that run after this one.
+
+Not onnx-ir's LiftConstantsToInitializersPass, which differs here: it also lifts the Constants inside
+If / Loop / Scan bodies (into initializers of those subgraphs, which this pass leaves alone), has no
+ConstantOfShape, keeps the attribute's own tensor encoding (float_data stays float_data, where this
+pass writes raw bytes as before) and reports no count or names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
+
+from onnx_neq.graph.passes._result import ReportedResult
 
 _SCALAR_ATTRS = {"value_float": np.float32, "value_int": np.int64, "value_floats": np.float32, "value_ints": np.int64}
 
 
-class ConstantWeightsPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lifted: list[str] = []
+@dataclass(frozen=True)
+class ConstantWeightsReport:
+    lifted: tuple[str, ...]  # the new initializers' names (the lifted values' names)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+
+class ConstantWeightsPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ReportedResult[ConstantWeightsReport]:
         graph = model.graph
+        tape = ir.tape.Tape(graph)
+        lifted = []
         for node in list(graph):
             array = _constant_value(node)
             if array is None or node.outputs[0].is_graph_output():
                 continue
             out = node.outputs[0]
-            value = ir.Value(
-                name=out.name,
-                const_value=ir.tensor(array, name=out.name),
-                type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                shape=ir.Shape(array.shape),
-            )
-            out.name = out.name + ".folded"
+            name, out.name = out.name, out.name + ".folded"
+            value = tape.initializer(ir.tensor(array, name=name))
             out.replace_all_uses_with(value)
             graph.remove(node, safe=True)
-            graph.register_initializer(value)
-            self.lifted.append(value.name)
-        return ir.passes.PassResult(model, modified=bool(self.lifted))
+            lifted.append(name)
+        return ReportedResult(model, bool(lifted), ConstantWeightsReport(tuple(lifted)))
 
 
 def _constant_value(node: ir.Node) -> np.ndarray | None:

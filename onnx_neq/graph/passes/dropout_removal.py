@@ -6,28 +6,34 @@ After:   Y = X   (consumers of Y read X)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
-from onnx_neq.graph.passes._values import take_over
+from onnx_neq.graph.passes._result import ReportedResult
+from onnx_neq.graph.passes._splice import splice, take_over
+
+
+@dataclass(frozen=True)
+class DropoutRemovalReport:
+    removed: int  # Dropout nodes removed
 
 
 class DropoutRemovalPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.removed = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ReportedResult[DropoutRemovalReport]:
         graph = model.graph
+        removed = 0
         for node in list(graph):
-            if node.op_type != "Dropout" or any(v.uses() for v in node.outputs[1:]):
-                continue
+            if node.op_type != "Dropout" or any(v.uses() or v.is_graph_output() for v in node.outputs[1:]):
+                continue  # not a Dropout, or one whose mask is read
             out, src = node.outputs[0], node.inputs[0]
             if out.is_graph_output():
-                identity = ir.node("Identity", [src], name=node.name)
-                graph.insert_after(node, identity)
-                take_over(out, identity.outputs[0])
+                tape = ir.tape.Tape()
+                identity = tape.op("Identity", [src], name=node.name)
+                splice(graph, tape, after=node)
+                take_over(out, identity)
             else:
                 out.replace_all_uses_with(src)
             graph.remove(node, safe=True)
-            self.removed += 1
-        return ir.passes.PassResult(model, modified=self.removed > 0)
+            removed += 1
+        return ReportedResult(model, removed > 0, DropoutRemovalReport(removed))

@@ -18,12 +18,13 @@ import onnx_ir as ir
 
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.conv_layers import ConvLayer
-from onnx_neq.graph.passes._values import add_initializer
+from onnx_neq.graph.passes._result import ReportedResult
+from onnx_neq.graph.passes._splice import splice
 
 
-@dataclass
+@dataclass(frozen=True)
 class GradientMaskReport:
-    mask_inputs: list[str]
+    mask_inputs: tuple[str, ...]  # the mask inputs added, in layer order
     masked_gradients: int
 
 
@@ -32,44 +33,41 @@ class GradientMaskPass(ir.passes.InPlacePass):
         super().__init__()
         self.layers = layers
         self.user_inputs = user_inputs
-        self.report = GradientMaskReport([], 0)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ReportedResult[GradientMaskReport]:
         graph = model.graph
         values = _values_by_name(graph)
         position = _after_user_inputs(graph, self.user_inputs)
+        masks, masked = [], 0
         for layer in self.layers:
             mask = ir.Value(name=layer.mask_input, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([layer.out_channels]))
             graph.inputs.insert(position, mask)
             position += 1
-            self._mask(graph, values, layer.weight, mask, rank=len(layer.kernel) + 2)
-            if layer.bias:
-                self._mask(graph, values, layer.bias, mask, rank=1)
-            self.report.mask_inputs.append(mask.name)
-        return ir.passes.PassResult(model, modified=bool(self.layers))
+            params = [(layer.weight, len(layer.kernel) + 2)] + ([(layer.bias, 1)] if layer.bias else [])
+            for param, rank in params:
+                _mask(graph, values, param, mask, rank)
+                masked += 1
+            masks.append(mask.name)
+        return ReportedResult(model, bool(masks), GradientMaskReport(tuple(masks), masked))
 
-    def _mask(self, graph: ir.Graph, values: dict[str, ir.Value], param: str, mask: ir.Value, rank: int) -> None:
-        grad = values.get(param + "_grad")
-        if grad is None or grad.producer() is None:
-            raise NeqError(f"the training graph has no gradient for '{param}'; is it listed as trainable?")
-        scale = mask
-        nodes = []
-        if rank > 1:
-            shape = add_initializer(graph, f"{mask.name}.shape{rank}", np.array([-1] + [1] * (rank - 1), np.int64))
-            reshape = ir.node("Reshape", [mask, shape], name=f"{mask.name}.reshape{rank}")
-            scale = reshape.outputs[0]
-            scale.name = f"{mask.name}.{rank}d"
-            scale.type = mask.type
-            nodes.append(reshape)
-        uses = list(grad.uses())
-        mul = ir.node("Mul", [grad, scale], name=f"{param}_grad.masked")
-        mul.outputs[0].name = f"{param}_grad.masked"
-        mul.outputs[0].type, mul.outputs[0].shape = grad.type, grad.shape
-        nodes.append(mul)
-        graph.insert_after(grad.producer(), nodes)
-        for consumer, index in uses:
-            consumer.replace_input_with(index, mul.outputs[0])
-        self.report.masked_gradients += 1
+
+def _mask(graph: ir.Graph, values: dict[str, ir.Value], param: str, mask: ir.Value, rank: int) -> None:
+    """`param`'s gradient times the mask (reshaped to [C, 1, ...] for a weight), for every reader of the gradient."""
+    grad = values.get(param + "_grad")
+    if grad is None or grad.producer() is None:
+        raise NeqError(f"the training graph has no gradient for '{param}'; is it listed as trainable?")
+    uses = list(grad.uses())
+    tape = ir.tape.Tape()
+    scale = mask
+    if rank > 1:
+        shape = tape.initializer(ir.tensor(np.array([-1] + [1] * (rank - 1), np.int64), name=f"{mask.name}.shape{rank}"))
+        reshaped = ir.Value(name=f"{mask.name}.{rank}d", type=mask.type)
+        scale = tape.op("Reshape", [mask, shape], name=f"{mask.name}.reshape{rank}", output=reshaped)
+    product = ir.Value(name=f"{param}_grad.masked", type=grad.type, shape=grad.shape)
+    tape.op("Mul", [grad, scale], name=f"{param}_grad.masked", output=product)
+    splice(graph, tape, after=grad.producer())
+    for consumer, index in uses:
+        consumer.replace_input_with(index, product)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

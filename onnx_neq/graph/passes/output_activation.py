@@ -10,32 +10,34 @@ After:   logits is the graph output, the activation and T are gone (with what on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnx_neq.graph.conv_layers import keeps_values
+from onnx_neq.graph.passes._result import ReportedResult
 
 ACTIVATIONS = ("Softmax", "LogSoftmax")
 _SAME_SHAPE = ("Identity", "Cast")
 
 
-class OutputActivationPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.removed: dict | None = None  # {"op", "axis", "output"}
+@dataclass(frozen=True)
+class OutputActivationReport:
+    removed: dict | None  # {"op", "axis", "output"} of the removed activation; None when there was none to remove
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+
+class OutputActivationPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ReportedResult[OutputActivationReport]:
         graph = model.graph
         out = graph.outputs[0]
         nodes = _activation_nodes(out)
-        if not nodes or len(out.uses()) > 0:
-            return ir.passes.PassResult(model, modified=False)
+        logits = nodes[0].inputs[0] if nodes else None
+        if logits is None or len(out.uses()) > 0 or logits.is_graph_input() or logits.is_initializer():
+            return ReportedResult(model, False, OutputActivationReport(None))
         activation = nodes[0]
-        logits = activation.inputs[0]
-        if logits.is_graph_input() or logits.is_initializer():
-            return ir.passes.PassResult(model, modified=False)
-        self.removed = {"op": activation.op_type, "axis": activation.attributes.get_int("axis", -1), "output": out.name}
+        removed = {"op": activation.op_type, "axis": activation.attributes.get_int("axis", -1), "output": out.name}
         logits.type = logits.type or out.type
         if logits.shape is None and all(node.op_type in _SAME_SHAPE for node in nodes[1:]):
             logits.shape = out.shape
@@ -43,7 +45,7 @@ class OutputActivationPass(ir.passes.InPlacePass):
         for node in reversed(nodes):
             graph.remove(node, safe=True)
         RemoveUnusedNodesPass()(model)  # what only fed the removed nodes (a Reshape's Shape or shape constant)
-        return ir.passes.PassResult(model, modified=True)
+        return ReportedResult(model, True, OutputActivationReport(removed))
 
 
 def _activation_nodes(out: ir.Value) -> list[ir.Node]:
