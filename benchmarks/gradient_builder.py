@@ -73,8 +73,8 @@ def _old(c: dict, out: Path) -> Path:
     artifacts._generate_ort_artifacts(c["model"], c["groups"], artifacts._optimizer_block("sgd", 0.0), ort_dir, c["logits"])
     user = [v.name for v in c["model"].graph.input if v.name not in {i.name for i in c["model"].graph.initializer}]
     passes = [GradientMaskPass(c["layers"], [*user, "labels"]), BatchNormStatisticsPass(c["bn_positions"] or {})]
-    _, (_, stats) = artifacts._rewrite(ort_dir / "training_model.onnx", passes)
-    keep = [n for s in stats.report.stats for n in (s["batch_mean"], s["batch_inv_std"])]
+    _, reports = artifacts._rewrite(ort_dir / "training_model.onnx", passes)
+    keep = [n for s in reports[BatchNormStatisticsPass].stats for n in (s["batch_mean"], s["batch_inv_std"])]
     lowered, _ = lower_training_model(onnx.load(str(ort_dir / "training_model.onnx")), keep_outputs=keep)
     onnx.save(lowered, str(out / "old.onnx"))
     with captured_native_stderr():

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnx_neq.errors import NeqError, first_line, is_runtime_error
+from onnx_neq.graph import pipelines
 from onnx_neq.graph.conv_layers import ConvLayer
 from onnx_neq.graph.gradients import build_eval_model, build_training_model
 from onnx_neq.graph.parameters import ParameterGroups
@@ -28,7 +29,6 @@ from onnx_neq.graph.passes.activation_rewrites import REWRITTEN_OPS
 from onnx_neq.graph.passes.activation_taps import ActivationTapPass
 from onnx_neq.graph.passes.batchnorm_inference import BatchNormInferencePass
 from onnx_neq.graph.passes.batchnorm_statistics import BatchNormStatisticsPass
-from onnx_neq.graph.passes.gradient_masks import GradientMaskPass
 from onnx_neq.ort_runtime import artifacts_module, captured_native_stderr, has_training
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ def generate(
     training, grads = build_training_model(model, groups.trainable, groups.frozen, layers, logits, LABEL_INPUT, bn_positions)
     onnx.save(training, str(directory / PORTABLE_FILES["portable_training_model"]))
     eval_model = ir.serde.deserialize_model(build_eval_model(model, groups.trainable + groups.frozen, logits, LABEL_INPUT))
-    bn = BatchNormInferencePass()(eval_model).report
-    taps = ActivationTapPass(layers)(eval_model).report
+    reports = pipelines.run("eval", eval_model, layers=layers)
+    bn, taps = reports[BatchNormInferencePass], reports[ActivationTapPass]
     ir.save(eval_model, str(directory / PORTABLE_FILES["eval_model"]))
     _write_parameters(model, groups.trainable + groups.frozen, directory / PORTABLE_FILES["parameters"])
     report = ArtifactsReport(grads.loss_output, grads.mask_inputs, list(taps.taps), bn.changed, grads.bn_stats, dict(PORTABLE_FILES))
@@ -114,10 +114,11 @@ def _write_ort_artifacts(model, groups, layers, optimizer, weight_decay, directo
         ort_dir = Path(tmp)
         _generate_ort_artifacts(model, groups, _optimizer_block(optimizer, weight_decay), ort_dir, logits)
         user_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
-        masks = GradientMaskPass(layers, user_inputs + [LABEL_INPUT])
-        training, (_, stats) = _rewrite(ort_dir / ORT_FILES["training_model"], [masks, BatchNormStatisticsPass(bn_positions or {})])
+        reference = pipelines.passes("reference", layers=layers, user_inputs=user_inputs + [LABEL_INPUT], bn_positions=bn_positions)
+        training, reports = _rewrite(ort_dir / ORT_FILES["training_model"], reference)
+        stats = reports[BatchNormStatisticsPass]
         renames = {training.graph.outputs[0].name: report.loss_output}
-        theirs = {s["running_mean"]: s for s in stats.report.stats}
+        theirs = {s["running_mean"]: s for s in stats.stats}
         if set(theirs) != {s["running_mean"] for s in report.bn_stats}:
             raise NeqError("onnxruntime-training's graph has other training-mode BatchNorms than onnx-neq's")
         for ours in report.bn_stats:
@@ -267,9 +268,9 @@ def _untrainable_message(found: dict[str, list[str]]) -> str:
     )
 
 
-def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> tuple[ir.Model, list[ir.passes.PassResult]]:
-    """The model at `path` through `passes`, saved back: the model and each pass's result (with its report)."""
+def _rewrite(path: Path, passes: list[ir.passes.PassBase]) -> tuple[ir.Model, dict]:
+    """The model at `path` through `passes`, saved back: the model and the passes' reports by pass class."""
     model = ir.load(str(path))
-    results = [each(model) for each in passes]
+    reports = pipelines.apply(passes, model)
     ir.save(model, str(path))
-    return model, results
+    return model, reports

@@ -9,11 +9,10 @@ def to_inference_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """The forward graph of a training-mode export, as ONNX Runtime inference runs it."""
     import onnx_ir as ir
 
-    from onnx_neq.graph.passes.batchnorm_inference import BatchNormInferencePass
-    from onnx_neq.graph.passes.dropout_removal import DropoutRemovalPass
+    from onnx_neq.graph import pipelines
 
     ir_model = ir.serde.deserialize_model(model)
-    ir.passes.Sequential(BatchNormInferencePass(), DropoutRemovalPass())(ir_model)
+    pipelines.run("inference", ir_model)
     return ir.serde.serialize_model(ir_model)
 
 

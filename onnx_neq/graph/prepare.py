@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_neq.errors import NeqError
-from onnx_neq.graph import artifacts
+from onnx_neq.graph import artifacts, pipelines
 from onnx_neq.graph.conv_layers import ConvLayer, find_conv_layers
 from onnx_neq.graph.normalize import NormalizeReport, convert_opset, infer_shapes, normalize
 from onnx_neq.graph.parameters import ParameterGroups, group_parameters
@@ -110,8 +110,9 @@ def _forward_model(
     normalized = NormalizeReport()
     model = ir.serde.deserialize_model(convert_opset(load_model(model_path), normalized))
     normalize(model, normalized, input_shape)
-    head = ClassifierHeadPass(num_classes, seed)(model).report.replaced if num_classes else None
-    dropout = DropoutRemovalPass()(model).report.removed
+    forward = pipelines.run("forward", model, num_classes=num_classes, seed=seed)
+    head = forward[ClassifierHeadPass].replaced if num_classes else None
+    dropout = forward[DropoutRemovalPass].removed
     layers = find_conv_layers(model)
     if not layers:
         raise NeqError(f"{model_path} has no Conv node, so no neurons to select; onnx-neq fine-tunes CNN classifiers")
@@ -120,8 +121,9 @@ def _forward_model(
     infer_shapes(inferred)
     geometry, bn_positions = layer_geometry(inferred, layers), training_bn_positions(inferred)
     input_spec, logits, num_classes = _describe_io(model, model_path, mean, std)
-    affine = BatchNormAffinePass()(model).report  # after grouping: the rewritten ops' parameters keep their group
-    normalized.rewritten.update(ActivationRewritePass()(model).report.rewritten)
+    differentiable = pipelines.run("differentiable", model)  # after grouping: the rewritten ops' parameters keep their group
+    affine = differentiable[BatchNormAffinePass]
+    normalized.rewritten.update(differentiable[ActivationRewritePass].rewritten)
     proto = ir.serde.serialize_model(model)
     return _Forward(
         proto, layers, groups, geometry, bn_positions, input_spec, logits, num_classes, normalized, head, dropout, len(affine.rewritten)
