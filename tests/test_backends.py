@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_neq.backends.base import open_backend
+from onnx_neq.backends.base import ORT_TRAINING, PORTABLE, open_backend
 from onnx_neq.graph.prepare import prepare
 
 ZOO = sorted((__import__("pathlib").Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 
 
 def assert_same_step(artifacts, x, y, lr=0.01, masks=None) -> None:
-    ort, portable = open_backend("ort-training", artifacts), open_backend("portable", artifacts)
+    ort, portable = open_backend(ORT_TRAINING, artifacts), open_backend(PORTABLE, artifacts)
     if masks:
         ort.set_masks(masks)
         portable.set_masks(masks)

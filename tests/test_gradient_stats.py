@@ -143,26 +143,35 @@ def _rename_value(graph, old: str, new: str) -> None:
                     seq[i] = new
 
 
-def test_finds_the_gradient_without_its_name(tiny_artifacts, tmp_path, rng):
-    """dY renamed: the probe finds it as the input of the lowered conv-gradient nodes, with the same result;
-    with those nodes renamed too it names the layer in a NeqError."""
-    renamed = tmp_path / "renamed"
-    _rewritten(tiny_artifacts, renamed, lambda g: _rename_value(g, "/stem/Conv_output_0_grad", "mystery"))
-    params = _stored_parameters(tiny_artifacts)
-    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 5, 4)
-    probe = GradientProbe(renamed)
-    assert probe.layers[0].activation_grad == "mystery"
-    np.testing.assert_array_equal(probe.measure(params, x, y).fisher, GradientProbe(tiny_artifacts).measure(params, x, y).fisher)
+def test_finds_the_gradient_by_the_manifest_alone(tiny_artifacts, tmp_path, rng):
+    """dY renamed and every node renamed: the probe finds dL/da by the manifest's contract (the value of the conv
+    output's shape that every path from the labels to `<weight>_grad` passes through), with the same result; a
+    weight gradient that the labels do not reach (a graph outside the contract) is a NeqError naming the layer."""
 
     def hide(graph):
         _rename_value(graph, "/stem/Conv_output_0_grad", "mystery")
-        for node in graph.node:
-            node.name = node.name.replace("/stem/Conv_Grad/", "/elsewhere/")
+        for i, node in enumerate(graph.node):
+            node.name = f"node{i}"
 
     _rewritten(tiny_artifacts, tmp_path / "hidden", hide)
-    with pytest.raises(NeqError, match="layer 'stem'"):
-        GradientProbe(tmp_path / "hidden")
+    params = _stored_parameters(tiny_artifacts)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 4)
+    probe, reference = GradientProbe(tmp_path / "hidden"), GradientProbe(tiny_artifacts)
+    assert probe.layers[0].activation_grad == "mystery"
+    assert [lo.activation_grad for lo in probe.layers[1:]] == [lo.activation_grad for lo in reference.layers[1:]]
+    got, want = probe.measure(params, x, y), reference.measure(params, x, y)
+    np.testing.assert_array_equal(got.fisher, want.fisher)
+    np.testing.assert_array_equal(got.grad_norm, want.grad_norm)
+
+    def cut(graph):  # grouped.weight_grad (the conv has no bias) = a constant: no path from the labels
+        node = next(n for n in graph.node if "grouped.weight_grad" in n.output)
+        graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((12, 2, 1, 1), np.float32), "zero_grad"))
+        node.input[:] = ["zero_grad"]
+
+    _rewritten(tiny_artifacts, tmp_path / "cut", cut)
+    with pytest.raises(NeqError, match="layer 'grouped'"):
+        GradientProbe(tmp_path / "cut")
 
 
 def test_user_errors(tiny_artifacts, rng):

@@ -15,9 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_neq.backends.base import ORT_TRAINING, PORTABLE
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.gradients import RULES, build_training_model
-from onnx_neq.graph.lowering.lower import is_standard
+from onnx_neq.graph.lowering import is_standard
 from onnx_neq.ort_runtime import inference_session
 
 torch = pytest.importorskip("torch")
@@ -451,8 +452,8 @@ def test_architectures_are_as_close_to_float64_as_ort(arch, bn, tmp_path, rng):
     model, artifacts = _twin(arch, bn, tmp_path)
     x = rng.standard_normal((8, 3, 64, 64)).astype(np.float32)
     y = rng.integers(0, 10, 8)
-    ours = _update_errors("portable", artifacts, model, x, y, 0.01, bn == "frozen")
-    ort = _update_errors("ort-training", artifacts, model, x, y, 0.01, bn == "frozen")
+    ours = _update_errors(PORTABLE, artifacts, model, x, y, 0.01, bn == "frozen")
+    ort = _update_errors(ORT_TRAINING, artifacts, model, x, y, 0.01, bn == "frozen")
     assert ours[0] <= 1e-4 and ort[0] <= 1e-4
     assert max(ours[1].values()) <= 1.05 * max(ort[1].values()) + 1e-4
 
@@ -476,7 +477,7 @@ def test_shipped_model_matches_float64_torch(tmp_path, rng):
     assert all(k in weights for k, v in state.items() if v.dtype.is_floating_point)
     prepare(SHIPPED, tmp_path / "art")
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
-    _check_sgd_step_matches_torch("portable", tmp_path / "art", model, x, rng.integers(0, 5, 4), lr=0.05, frozen_bn=True)
+    _check_sgd_step_matches_torch(PORTABLE, tmp_path / "art", model, x, rng.integers(0, 5, 4), lr=0.05, frozen_bn=True)
 
 
 def test_control_flow_on_a_gradient_path_is_named(rng):

@@ -9,7 +9,6 @@ element bit-identical.
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import onnx
@@ -290,8 +289,8 @@ def test_any_k_with_one_graph(mobilenet):
 
 
 def test_backward_is_cut(mobilenet):
-    """Only the last conv trains (BN selected): no dX ConvTranspose at all, no dW of an earlier layer, and a
-    faster step than the full masked graph."""
+    """Only the last conv trains (BN selected): no dX ConvTranspose at all, no dW of an earlier layer, and the
+    selected rows of its weight gradient as the full masked graph computes them."""
     art = Art(mobilenet)
     layers = art.manifest.layers
     states = {l.name: "none" for l in layers}
@@ -311,29 +310,21 @@ def test_backward_is_cut(mobilenet):
     head = [p for p in art.manifest.always_trained if p.startswith("classifier")]
     assert grads == [f"{last.weight}_grad", f"{bn}.weight_grad", f"{bn}.bias_grad"] + [f"{p}_grad" for p in head]
 
+    # the cut graph still computes the last conv's selected rows (its step time: benchmarks/budget_step.py)
     masks = make_masks(art, states, np.random.default_rng(4))
-    x, y = art.batch(32)
-    special = inference_session(model)
-    feeds = channel_inputs(art.manifest, masks)
-    times = {}
-    for name, run in (("full", lambda: art.reference(x, y, masks)), ("special", lambda: art.run(special, x, y, feeds))):
-        run()
-        start = time.perf_counter()
-        for _ in range(3):
-            run()
-        times[name] = (time.perf_counter() - start) / 3
-    print(f"\nMobileNetV2 batch 32, last conv only: specialised/full step time {times['special'] / times['full']:.3f}")
+    x, y = art.batch(4)
+    got = art.run(inference_session(model), x, y, channel_inputs(art.manifest, masks))
+    want = art.reference(x, y, masks)[f"{last.weight}_grad"][np.flatnonzero(masks[last.name])]
+    np.testing.assert_allclose(got[f"{last.weight}_grad"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max() + 1e-9)
 
 
 def test_backward_macs_shrink(mobilenet):
     art = Art(mobilenet)
     layers = [l.name for l in art.manifest.layers]
-    macs, times = [], []
+    macs = []
     for first in (0, len(layers) // 2, len(layers) - len(layers) // 10, len(layers) - 1):
         states = {name: ("all" if i >= first else "none") for i, name in enumerate(layers)}
-        start = time.perf_counter()
         _, report = specialize(art.training, art.manifest, states, "selected")
-        times.append(time.perf_counter() - start)
         macs.append(report.backward_macs())
     assert all(a > b for a, b in zip(macs, macs[1:])), macs
     # with "some": fewer channels, fewer MACs
@@ -342,8 +333,7 @@ def test_backward_macs_shrink(mobilenet):
     half = {l.name: l.out_channels // 2 for l in art.manifest.layers}
     one = {l.name: 1 for l in art.manifest.layers}
     assert report.backward_macs(one) < report.backward_macs(half) < report.backward_macs() == macs[1]
-    print(f"\nbackward MACs per image {macs}; build seconds {[round(t, 3) for t in times]}")
-    assert max(times) < 5  # < 1 s measured; generous for slow machines
+    print(f"\nbackward MACs per image {macs}")  # build times: benchmarks/budget_step.py measures them
 
 
 def test_refusals(tiny_artifacts):

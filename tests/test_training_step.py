@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from onnx_neq.backends.base import open_backend
+from onnx_neq.backends.base import ORT_TRAINING, PORTABLE, open_backend
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.export import export
 from onnx_neq.graph.prepare import prepare
@@ -34,7 +34,7 @@ def _torch_sgd_step(
     return loss.item(), {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-BACKENDS = ["ort-training", "portable"]
+BACKENDS = [ORT_TRAINING, PORTABLE]
 
 
 def _check_sgd_step_matches_torch(backend, artifacts, torch_model, x, y, lr=0.05, frozen_bn=False):

@@ -17,7 +17,7 @@ an ORT class.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from onnx_neq.errors import NeqError, first_line, is_runtime_error
-from onnx_neq.manifest import Manifest
+from onnx_neq.manifest import Manifest, files_needed
 
 
 class Backend(Protocol):
@@ -47,13 +47,37 @@ class BackendSpec:
     module: str
     cls: str
     needs: str  # what must be installed, for the error when it is not
+    files: tuple[str, ...]  # the manifest.files it reads (besides manifest.json): what a run's fingerprint covers
+    absent_fix: str = "re-run `onnx-neq prepare`"  # what to do when the artifacts lack one of them
 
 
+# the backend names (--backend, settings.json): written here only, used by name elsewhere
+ORT_TRAINING = "ort-training"
+PORTABLE = "portable"
+SPECIALIZED = "specialized"
+
+_PORTABLE_FILES = ("portable_training_model", "eval_model", "parameters")
 BACKENDS = {
-    "ort-training": BackendSpec(".ort_training", "TrainingSession", "onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2)"),
-    "portable": BackendSpec(".portable", "PortableBackend", "onnxruntime (pip install onnxruntime)"),
-    "specialized": BackendSpec(".specialized", "SpecializedBackend", "onnxruntime (pip install onnxruntime)"),
+    ORT_TRAINING: BackendSpec(
+        ".ort_training",
+        "TrainingSession",
+        "onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2)",
+        ("training_model", "eval_model", "optimizer_model", "checkpoint"),
+        "these artifacts have no onnxruntime-training files (prepared where it is not installed); prepare them again in an "
+        f"environment made with requirements/ort-training.txt, or train with --backend {PORTABLE}",
+    ),
+    PORTABLE: BackendSpec(".portable", "PortableBackend", "onnxruntime (pip install onnxruntime)", _PORTABLE_FILES),
+    SPECIALIZED: BackendSpec(".specialized", "SpecializedBackend", "onnxruntime (pip install onnxruntime)", _PORTABLE_FILES),
 }
+
+
+def backend_files(name: str, manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
+    """The artifact files a run on backend `name` reads, manifest.json first (its fingerprint covers them);
+    `extra`: more manifest.files keys the run reads (the gradient probe's portable_training_model). An
+    unknown name reads every file the manifest lists."""
+    spec = BACKENDS.get(name)
+    keys = (*(spec.files if spec else tuple(manifest.files)), *extra)
+    return files_needed(manifest, keys, f"--backend {name}", spec.absent_fix if spec else "re-run `onnx-neq prepare`")
 
 
 def training_kernels_available() -> bool:
@@ -71,22 +95,23 @@ def default_backend(artifacts_dir: str | Path | None = None) -> str:
     """ort-training where onnxruntime-training is installed and the artifacts hold its files (a board copy
     holds only the portable ones), else portable."""
     if not training_kernels_available():
-        return "portable"
+        return PORTABLE
     if artifacts_dir is None:
-        return "ort-training"
-    from onnx_neq.manifest import BACKEND_FILES, read_manifest
+        return ORT_TRAINING
+    from onnx_neq.manifest import read_manifest
 
     files = read_manifest(artifacts_dir).files
-    return "ort-training" if all((Path(artifacts_dir) / files.get(k, k)).is_file() for k in BACKEND_FILES["ort-training"]) else "portable"
+    return ORT_TRAINING if all((Path(artifacts_dir) / files.get(k, k)).is_file() for k in BACKENDS[ORT_TRAINING].files) else PORTABLE
 
 
-def backend_class(name: str | None, artifacts_dir: str | Path | None = None):
+def backend_class(name: str | None, artifacts_dir: str | Path | None = None) -> type:
+    """The class of backend `name` (None: default_backend); NeqError for an unknown name or missing kernels."""
     name = name or default_backend(artifacts_dir)
     spec = BACKENDS.get(name)
     if spec is None:
         raise NeqError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    if name == "ort-training" and not training_kernels_available():
-        raise NeqError(f"--backend ort-training needs {spec.needs}; on this machine use --backend portable")
+    if name == ORT_TRAINING and not training_kernels_available():
+        raise NeqError(f"--backend {ORT_TRAINING} needs {spec.needs}; on this machine use --backend {PORTABLE}")
     return getattr(importlib.import_module(spec.module, __package__), spec.cls)
 
 
@@ -112,6 +137,11 @@ def read_parameters(name: str | None, checkpoint: str | Path, names: list[str]) 
     return backend_class(name).read_parameters(checkpoint, names)
 
 
+def f32(x: np.ndarray) -> np.ndarray:
+    """`x` as a C-contiguous float32 array (a batch of images as the graphs take it)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def checked_masks(layers: dict, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Masks by layer name as float32 vectors of the layer's width; NeqError for an unknown layer or a bad size."""
     out = {}
@@ -126,7 +156,9 @@ def checked_masks(layers: dict, masks: dict[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
-def updated_running_statistics(manifest: Manifest, outputs: list[np.ndarray], batch: int, running: Callable[[str], np.ndarray]):
+def updated_running_statistics(
+    manifest: Manifest, outputs: list[np.ndarray], batch: int, running: Callable[[str], np.ndarray]
+) -> Iterator[tuple[str, np.ndarray]]:
     """(name, new value) of every BatchNorm running statistic after a training step: running = (1 - m) *
     running + m * batch statistic, PyTorch's train-mode update (unbiased variance). `outputs`: the batch
     mean / inverse std pairs of manifest.bn_stats, in order."""

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_neq.errors import NeqError
+from onnx_neq.manifest import Manifest
 
 Arrays = Mapping[str, np.ndarray]
 SqrtFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # must return new, writable arrays
@@ -246,7 +247,7 @@ def make_optimizer(kind: str, weight_decay: float = 0.0, sqrt: str = "ort", **ad
     raise NeqError(f"optimizer must be 'sgd' or 'adamw', not {kind!r}")
 
 
-def optimizer_for_manifest(manifest, sqrt: str = "ort") -> HostOptimizer:
+def optimizer_for_manifest(manifest: Manifest, sqrt: str = "ort") -> HostOptimizer:
     """make_optimizer from a Manifest's `optimizer` and `weight_decay` fields."""
     return make_optimizer(manifest.optimizer, manifest.weight_decay or 0.0, sqrt)
 

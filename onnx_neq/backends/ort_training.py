@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import checked_masks, updated_running_statistics
+from onnx_neq.backends.base import checked_masks, f32, updated_running_statistics
 from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
 from onnx_neq.ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
 
@@ -63,7 +63,7 @@ class TrainingSession:
         self.module.train()
         self.optimizer.set_learning_rate(float(lr))
         masks = [self.masks[layer.name] for layer in self.manifest.layers]
-        outputs = self.module(_f32(images), labels.astype(np.int64), *masks)
+        outputs = self.module(f32(images), labels.astype(np.int64), *masks)
         loss, logits = outputs[:2]
         if self.manifest.bn_stats:
             self._update_running_statistics(outputs[2 : 2 + 2 * len(self.manifest.bn_stats)], len(images))
@@ -90,7 +90,7 @@ class TrainingSession:
     def _eval(self, images: np.ndarray):
         ort = onnxruntime()
         self.module.eval()
-        x = ort.OrtValue.ortvalue_from_numpy(_f32(images))
+        x = ort.OrtValue.ortvalue_from_numpy(f32(images))
         labels = ort.OrtValue.ortvalue_from_numpy(np.zeros(len(images), np.int64))
         return self.module(x, labels)
 
@@ -159,7 +159,3 @@ def _write_error(path: Path, exc: Exception) -> OSError:
         return OSError(errno.ENOSPC, "No space left on device", str(path))
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
     return OSError(errno.EIO, f"the checkpoint could not be written ({reason[:160]})", str(path))
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)

@@ -14,14 +14,18 @@ the optimizer state under "optimizer/".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnx_neq.backends.base import checked_masks, updated_running_statistics
+from onnx_neq.backends.base import checked_masks, f32, updated_running_statistics
 from onnx_neq.backends.host_optim import optimizer_for_manifest
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
 from onnx_neq.ort_runtime import ORT_DTYPES, onnxruntime, session_options
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 OPTIMIZER_PREFIX = "optimizer/"
 
@@ -44,7 +48,7 @@ class PortableBackend:
             self.optimizer.load_state_dict({k[len(OPTIMIZER_PREFIX) :]: v for k, v in stored.items() if k.startswith(OPTIMIZER_PREFIX)})
         self.layers = {layer.name: layer for layer in self.manifest.layers}
         self.masks = {name: np.ones(layer.out_channels, np.float32) for name, layer in self.layers.items()}
-        self.param_masks = self._parameter_masks()
+        self.param_masks = _parameter_masks(self.layers, self.masks)
         self._prepare_bindings()
 
     # bindings ------------------------------------------------------------------------------
@@ -60,73 +64,27 @@ class PortableBackend:
 
     def _prepare_training(self) -> None:
         """The masked training graph, its parameters bound in place and its gradients into preallocated buffers."""
-        path = artifact_model(self.dir, self.manifest, "portable_training_model")
-        self.train_session = onnxruntime().InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
-        outputs = [o.name for o in self.train_session.get_outputs()]
-        self.grad_names = [name for name in outputs if name.endswith("_grad")]
-        self.trainable = [name[: -len("_grad")] for name in self.grad_names]
-        missing = [p for p in self.trainable if p not in self.params]
-        if missing:
-            raise NeqError(f"{self.dir}: parameters {missing[:3]} of the portable training model are not in the artifacts' parameters")
-        self.grads = {p: np.zeros_like(self.params[p]) for p in self.trainable}
-        self.train_binding = self._bind_parameters(self.train_session)
-        for p, g in zip(self.trainable, self.grad_names):
-            buffer = self.grads[p]
-            self.train_binding.bind_output(g, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
-        for name in (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs):
-            self.train_binding.bind_output(name, "cpu")  # after the gradients: get_outputs() keeps binding order
-        self.train_inputs = {i.name for i in self.train_session.get_inputs()}
+        self.training = _MaskedTrainingGraph(self)
+        self.trainable, self.grads = self.training.trainable, self.training.grads
 
-    def _bind_parameters(self, session):
-        self._check_parameters(session)
+    def _bind_parameters(self, session: InferenceSession):
+        """An IOBinding of `session` with every parameter input bound in place (checked first: check_parameters)."""
+        check_parameters(session, self.params, self.manifest, self.dir)
         binding = session.io_binding()
         for arg in session.get_inputs():
             if arg.name in self._values:
                 binding.bind_ortvalue_input(arg.name, self._values[arg.name])
         return binding
 
-    def _check_parameters(self, session) -> None:
-        """Every parameter input of `session` has an array of its declared dtype and shape (parameters.npz
-        and checkpoints are files someone may hand us): one NeqError before ONNX Runtime runs anything."""
-        from onnx_neq.graph.specialize import CHANNELS_SUFFIX  # the specialised graphs' channel inputs, fed per selection
-
-        fed = {self.manifest.input.name, self.manifest.label_input, *(layer.mask_input for layer in self.manifest.layers)}
-        for arg in session.get_inputs():
-            if arg.name in fed or arg.name.endswith(CHANNELS_SUFFIX):
-                continue
-            array = self.params.get(arg.name)
-            problem = "is missing" if array is None else _mismatch(array, arg)
-            if problem:
-                raise NeqError(
-                    f"{self.dir}: parameter {arg.name!r} {problem}; the parameters do not belong to this model, re-run `onnx-neq prepare`"
-                )
-
     # masks -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, np.ndarray]) -> None:
         self.masks.update(checked_masks(self.layers, masks))
-        self.param_masks = self._parameter_masks()
-
-    def _parameter_masks(self) -> dict[str, np.ndarray]:
-        out = {}
-        for name, layer in self.layers.items():
-            for param in filter(None, (layer.weight, layer.bias)):
-                out[param] = self.masks[name]
-        return out
+        self.param_masks = _parameter_masks(self.layers, self.masks)
 
     # steps -------------------------------------------------------------------------------
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         """One optimizer step on a batch; returns (loss, logits)."""
-        b = self.train_binding
-        b.bind_cpu_input(self.manifest.input.name, _f32(images))
-        b.bind_cpu_input(self.manifest.label_input, np.ascontiguousarray(labels, np.int64))
-        for layer in self.manifest.layers:
-            if layer.mask_input in self.train_inputs:
-                b.bind_cpu_input(layer.mask_input, self.masks[layer.name])
-        for name in (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs):
-            b.bind_output(name, "cpu")  # rebound each step: the batch size may change; the position stays
-        self.train_session.run_with_iobinding(b)
-        values = b.get_outputs()
-        outputs = [values[len(self.grads) + i].numpy() for i in range(2 + len(self.stat_outputs))]
+        outputs = self.training.run(images, labels, self.masks)
         if self.manifest.bn_stats:
             self._update_running_statistics(outputs[2:], len(images))
         self.optimizer.step({p: self.params[p] for p in self.trainable}, self.grads, lr, self.param_masks)
@@ -145,7 +103,7 @@ class PortableBackend:
 
     def _eval(self, images: np.ndarray, taps: bool) -> list[np.ndarray]:
         b = self.eval_binding
-        b.bind_cpu_input(self.manifest.input.name, _f32(images))
+        b.bind_cpu_input(self.manifest.input.name, f32(images))
         b.bind_cpu_input(self.manifest.label_input, np.zeros(len(images), np.int64))
         for name in self.eval_outputs:
             b.bind_output(name, "cpu")
@@ -173,28 +131,107 @@ class PortableBackend:
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Every parameter and the optimizer state, for an exact resume (the caller renames it into place)."""
-        arrays = dict(self.params)
-        arrays.update({OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_dict().items()})
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
+        _save_npz(path, {**self.params, **{OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_dict().items()}})
 
     @staticmethod
     def read_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
-        stored = _load_npz(path)
-        missing = [n for n in names if n not in stored]
-        if missing:
-            raise NeqError(f"{path} lacks parameters {missing[:3]}")
-        return {n: stored[n] for n in names}
+        return npz_parameters(path, names)
 
     def export_inference(self, path: str | Path) -> None:
         """Write an inference model (current weights, logits only, no masks or taps)."""
-        import onnx
+        export_inference_model(self.dir, self.manifest, self.params, path)
 
-        from onnx_neq.graph.inference import inference_from_eval
 
-        model = inference_from_eval(onnx.load(str(artifact_model(self.dir, self.manifest, "eval_model"))), self.params, self.manifest)
-        onnx.save(model, str(path))
+class _MaskedTrainingGraph:
+    """portable_training_model.onnx in one InferenceSession: the backend's parameters bound in place (IOBinding),
+    every gradient written into a preallocated array, masks fed per step."""
+
+    def __init__(self, backend: PortableBackend):
+        self.manifest, self.stat_outputs = backend.manifest, backend.stat_outputs
+        path = artifact_model(backend.dir, backend.manifest, "portable_training_model")
+        self.session = onnxruntime().InferenceSession(str(path), backend.options, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.grad_names = [name for name in outputs if name.endswith("_grad")]
+        self.trainable = [name[: -len("_grad")] for name in self.grad_names]
+        missing = [p for p in self.trainable if p not in backend.params]
+        if missing:
+            raise NeqError(f"{backend.dir}: parameters {missing[:3]} of the portable training model are not in the artifacts' parameters")
+        self.grads = {p: np.zeros_like(backend.params[p]) for p in self.trainable}
+        self.binding = backend._bind_parameters(self.session)
+        for p, g in zip(self.trainable, self.grad_names):
+            buffer = self.grads[p]
+            self.binding.bind_output(g, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        for name in self._other_outputs():
+            self.binding.bind_output(name, "cpu")  # after the gradients: get_outputs() keeps binding order
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def _other_outputs(self) -> tuple[str, ...]:
+        return (self.manifest.loss_output, self.manifest.logits_output, *self.stat_outputs)
+
+    def run(self, images: np.ndarray, labels: np.ndarray, masks: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One forward and backward pass: the gradients land in `grads`; returns loss, logits and the BN statistics."""
+        b = self.binding
+        b.bind_cpu_input(self.manifest.input.name, f32(images))
+        b.bind_cpu_input(self.manifest.label_input, np.ascontiguousarray(labels, np.int64))
+        for layer in self.manifest.layers:
+            if layer.mask_input in self.inputs:
+                b.bind_cpu_input(layer.mask_input, masks[layer.name])
+        for name in self._other_outputs():
+            b.bind_output(name, "cpu")  # rebound each step: the batch size may change; the position stays
+        self.session.run_with_iobinding(b)
+        values = b.get_outputs()
+        return [values[len(self.grads) + i].numpy() for i in range(2 + len(self.stat_outputs))]
+
+
+def check_parameters(session: InferenceSession, params: dict[str, np.ndarray], manifest: Manifest, directory: Path) -> None:
+    """Every parameter input of `session` has an array in `params` of its declared dtype and shape (parameters.npz
+    and checkpoints are files someone may hand us): one NeqError before ONNX Runtime runs anything."""
+    from onnx_neq.graph.specialize import CHANNELS_SUFFIX  # the specialised graphs' channel inputs, fed per selection
+
+    fed = {manifest.input.name, manifest.label_input, *(layer.mask_input for layer in manifest.layers)}
+    for arg in session.get_inputs():
+        if arg.name in fed or arg.name.endswith(CHANNELS_SUFFIX):
+            continue
+        array = params.get(arg.name)
+        problem = "is missing" if array is None else _mismatch(array, arg)
+        if problem:
+            raise NeqError(
+                f"{directory}: parameter {arg.name!r} {problem}; the parameters do not belong to this model, re-run `onnx-neq prepare`"
+            )
+
+
+def _parameter_masks(layers: dict, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each conv weight and bias -> its layer's mask."""
+    out = {}
+    for name, layer in layers.items():
+        for param in filter(None, (layer.weight, layer.bias)):
+            out[param] = masks[name]
+    return out
+
+
+def _save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+
+
+def npz_parameters(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Parameters `names` read from a .npz checkpoint or parameters file; NeqError if one is missing."""
+    stored = _load_npz(path)
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise NeqError(f"{path} lacks parameters {missing[:3]}")
+    return {n: stored[n] for n in names}
+
+
+def export_inference_model(directory: Path, manifest: Manifest, params: dict[str, np.ndarray], path: str | Path) -> None:
+    """Write the inference model of the artifacts' eval model with `params` (logits only, no masks or taps)."""
+    import onnx
+
+    from onnx_neq.graph.inference import inference_from_eval
+
+    model = inference_from_eval(onnx.load(str(artifact_model(directory, manifest, "eval_model"))), params, manifest)
+    onnx.save(model, str(path))
 
 
 def _load_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -218,7 +255,3 @@ def _mismatch(array: np.ndarray, arg) -> str | None:
     if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
         return f"has shape {list(array.shape)}, the model wants {shape}"
     return None
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)

@@ -2,7 +2,7 @@
 
 Like the portable backend (stock onnxruntime, host optimizer, .npz checkpoints), but `set_masks`
 turns the selection into per-layer states (none | some | all) and runs a graph specialised to them
-(backends/specialize.py): no weight gradient for frozen layers, no backward below the shallowest
+(graph/specialize.py): no weight gradient for frozen layers, no backward below the shallowest
 selected layer, weight gradients only for the selected channels of partly selected layers (an index
 input per layer). Graphs are cached by the tuple of states, so one graph serves every selection over
 the same layers. Gradients exist only for what trains: the update memory is the budget (plus the
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.portable import PortableBackend, _f32
+from onnx_neq.backends.base import PORTABLE, SPECIALIZED, f32
+from onnx_neq.backends.portable import PortableBackend
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.specialize import channel_inputs, layer_states, load_training_graph, specialize
 from onnx_neq.ort_runtime import onnxruntime
@@ -43,7 +44,7 @@ class SpecializedBackend(PortableBackend):
         super().__init__(artifacts_dir, checkpoint, threads, memory_pattern)
         if self.manifest.optimizer != "sgd":
             raise NeqError(
-                "--backend specialized trains with SGD (the paper's recipe); prepare with --optimizer sgd, or use --backend portable"
+                f"--backend {SPECIALIZED} trains with SGD (the paper's recipe); prepare with --optimizer sgd, or use --backend {PORTABLE}"
             )
         # rebuilt from portable_training_model.onnx: the backend reads the four files a board holds
         self._training_proto = load_training_graph(self.dir, self.manifest, "portable_training_model")
@@ -67,7 +68,7 @@ class SpecializedBackend(PortableBackend):
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.channels = channel_inputs(self.manifest, self.masks)
         self.rows = {
-            param: self.channels[f"{name}.neq_channels"]
+            param: self.channels[spec.channels_input]
             for name, spec in self.report.layers.items()
             if spec.channels_input
             for param in self._layer_params(name)
@@ -79,7 +80,7 @@ class SpecializedBackend(PortableBackend):
         return [p for p in (layer.weight, layer.bias) if p] + (list(spec.bn_params) if self.bn_update == "selected" else [])
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        feeds = {self.manifest.input.name: _f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
+        feeds = {self.manifest.input.name: f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
         feeds.update({name: value for name, value in self.params.items() if name in self.inputs})
         values = dict(zip(self.outputs, self.session.run(None, feeds)))
         if self.manifest.bn_stats:

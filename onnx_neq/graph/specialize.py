@@ -33,9 +33,11 @@ training_model.onnx (tests/test_board_files.py).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +46,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_neq.errors import NeqError
-from onnx_neq.graph.lowering import lower as _lower
-from onnx_neq.graph.lowering.builder import Builder
+from onnx_neq.graph.lowering import ACCUMULATOR, BUFFER_SUFFIX, live_nodes, lower_graph, refuse_unknown, static_shapes
 from onnx_neq.graph.lowering.conv_grad import lower_conv_grad
-from onnx_neq.graph.lowering.rules import RULES
+from onnx_neq.graph.lowering.rules import Rule
+from onnx_neq.manifest import Layer, Manifest, artifact_model
 
 STATES = ("none", "some", "all")
 BN_UPDATES = ("always", "selected")
@@ -95,12 +97,12 @@ class SpecializeReport:
 CHANNELS_SUFFIX = ".neq_channels"  # the int64 input of the selected channels of a partly selected layer
 
 
-def channels_input_name(layer) -> str:
+def channels_input_name(layer: Layer) -> str:
     """`<layer>.neq_channels`."""
     return f"{layer.name}{CHANNELS_SUFFIX}"
 
 
-def layer_states(manifest, masks: dict[str, np.ndarray]) -> dict[str, str]:
+def layer_states(manifest: Manifest, masks: dict[str, np.ndarray]) -> dict[str, str]:
     """layer -> "none" (no channel selected) | "some" | "all" (every channel). A layer without a mask
     counts as "all" (the portable backend's default mask is all ones)."""
     states = {}
@@ -117,7 +119,7 @@ def layer_states(manifest, masks: dict[str, np.ndarray]) -> dict[str, str]:
     return states
 
 
-def channel_inputs(manifest, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def channel_inputs(manifest: Manifest, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The `<layer>.neq_channels` feeds (int64 indices of the non-zero mask entries) of the "some" layers."""
     states = layer_states(manifest, masks)
     return {
@@ -128,11 +130,60 @@ def channel_inputs(manifest, masks: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def specialize(
-    training_model: onnx.ModelProto, manifest, states: dict[str, str], bn_update: str = "always"
+    training_model: onnx.ModelProto, manifest: Manifest, states: dict[str, str], bn_update: str = "always"
 ) -> tuple[onnx.ModelProto, SpecializeReport]:
     """The standard-ONNX training model of ORT training graph `training_model` (masks applied by prepare)
     specialised to `states` (layer -> none|some|all), and a report. See the module docstring."""
     started = time.perf_counter()
+    layers = _checked_layers(manifest, states, bn_update)
+    graph = onnx.GraphProto()
+    graph.CopyFrom(training_model.graph)
+    refuse_unknown(graph)
+    shapes = static_shapes(training_model)
+    producers = {o: n for n in graph.node for o in n.output if o}
+    accumulators = _accumulators(graph)
+    bn = _bn_params(graph, manifest, producers)
+    keep_outputs = [name for s in manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
+    plan = _plan(layers, states, bn, bn_update, producers)
+    rewrite = _rewrite_accumulators(graph, accumulators, plan, producers)
+    _set_inputs(graph, manifest, plan.channel_names, rewrite.dropped_buffers)
+    head = _prune(graph, accumulators, rewrite, keep_outputs)
+    other_macs = _count_macs(list(graph.node), head, keep_outputs, shapes, layers, plan)
+    model, _ = lower_graph(
+        graph,
+        shapes,
+        keep_outputs,
+        _channels_rule(plan.conv_options),
+        graph_name="specialised_training",
+        producer_name="onnx-neq specialize",
+    )
+    report = _report(model, layers, states, bn_update, plan, other_macs)
+    report.build_seconds = time.perf_counter() - started
+    return model, report
+
+
+@dataclass
+class _Plan:
+    """What specialize does with each parameter's gradient and each layer."""
+
+    actions: dict[str, object] = field(default_factory=dict)  # param -> "full", "drop", or ("gather", channels input)
+    specs: dict[str, LayerSpec] = field(default_factory=dict)
+    conv_options: dict[str, str] = field(default_factory=dict)  # ConvGrad node name -> channels input
+    channel_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Rewrite:
+    """What rewriting the accumulators removed and added."""
+
+    dropped_buffers: set[str] = field(default_factory=set)
+    dropped_outputs: set[str] = field(default_factory=set)
+    removed_nodes: set[int] = field(default_factory=set)
+    extra_nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def _checked_layers(manifest: Manifest, states: dict[str, str], bn_update: str) -> dict:
+    """The manifest's layers by name; NeqError unless `states` gives each of them exactly one valid state."""
     if bn_update not in BN_UPDATES:
         raise NeqError(f"bn_update must be one of {', '.join(BN_UPDATES)}, not {bn_update!r}")
     layers = {layer.name: layer for layer in manifest.layers}
@@ -145,58 +196,48 @@ def specialize(
     bad = {name: s for name, s in states.items() if s not in STATES}
     if bad:
         raise NeqError(f"layer states must be one of {', '.join(STATES)}: {bad}")
+    return layers
 
-    graph = onnx.GraphProto()
-    graph.CopyFrom(training_model.graph)
-    _lower._refuse_unknown(graph)
-    shapes = _lower._static_shapes(training_model)
-    producers = {o: n for n in graph.node for o in n.output if o}
-    accumulators = _accumulators(graph)
-    bn = _bn_params(graph, manifest, producers)
-    keep_outputs = [name for s in manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
 
-    # what each parameter's gradient becomes: "full", "drop", or ("gather", channels input)
-    plan: dict[str, object] = {}
-    specs: dict[str, LayerSpec] = {}
-    conv_options: dict[str, str] = {}  # ConvGrad node name -> channels input
-    channel_names: list[str] = []
+def _plan(layers: dict, states: dict[str, str], bn: dict[str, tuple[str, str]], bn_update: str, producers) -> _Plan:
+    """Each layer's spec and channels input, and what each parameter's gradient becomes."""
+    plan = _Plan()
     for name, layer in layers.items():
         state = states[name]
-        spec = specs[name] = LayerSpec(state=state, out_channels=layer.out_channels, bn_params=list(bn.get(name, ())))
+        spec = plan.specs[name] = LayerSpec(state=state, out_channels=layer.out_channels, bn_params=list(bn.get(name, ())))
         params = [p for p in (layer.weight, layer.bias) if p]
         if state == "some":
             spec.channels_input = channels_input_name(layer)
-            channel_names.append(spec.channels_input)
+            plan.channel_names.append(spec.channels_input)
             grad_node = producers.get(f"{layer.weight}_grad")
             if grad_node is None or grad_node.op_type != "ConvGrad":
                 raise NeqError(f"layer {name}: no ConvGrad computes '{layer.weight}_grad' in the training graph")
-            conv_options[grad_node.name] = spec.channels_input
+            plan.conv_options[grad_node.name] = spec.channels_input
         for p in params:
-            plan[p] = "drop" if state == "none" else "full"  # "some": the ConvGrad itself computes [k, ...]
+            plan.actions[p] = "drop" if state == "none" else "full"  # "some": the ConvGrad itself computes [k, ...]
         for p in bn.get(name, ()):
             if bn_update == "always" or state == "all":
-                plan[p] = "full"
+                plan.actions[p] = "full"
             elif state == "none":
-                plan[p] = "drop"
+                plan.actions[p] = "drop"
             else:
-                plan[p] = ("gather", spec.channels_input)
+                plan.actions[p] = ("gather", spec.channels_input)
+    return plan
 
-    # rewrite the accumulators: drop, unmask, or gather
+
+def _rewrite_accumulators(graph: onnx.GraphProto, accumulators, plan: _Plan, producers) -> _Rewrite:
+    """Drop, unmask, or gather each accumulator's gradient (the nodes change in place; the Gathers are returned)."""
     consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
     for node in graph.node:
         for name in set(node.input):
             consumers[name].append(node)
-    new_inputs = []
-    dropped_buffers: set[str] = set()
-    dropped_outputs: set[str] = set()
-    removed_nodes: set[int] = set()
-    extra_nodes = []
+    rewrite = _Rewrite()
     for param, (index, node) in accumulators.items():
-        action = plan.get(param, "full")
+        action = plan.actions.get(param, "full")
         if action == "drop":
-            removed_nodes.add(index)
-            dropped_buffers.add(node.input[0])
-            dropped_outputs.add(node.output[0])
+            rewrite.removed_nodes.add(index)
+            rewrite.dropped_buffers.add(node.input[0])
+            rewrite.dropped_outputs.add(node.output[0])
             continue
         grad = node.input[1]
         mask_mul = producers.get(grad)
@@ -208,62 +249,84 @@ def specialize(
             if grad == target:
                 grad = f"{param}_grad.full"
                 _rename_value(consumers, producers, target, grad)
-            extra_nodes.append(helper.make_node("Gather", [grad, action[1]], [target], name=f"{target}/gather", axis=0))
+            rewrite.extra_nodes.append(helper.make_node("Gather", [grad, action[1]], [target], name=f"{target}/gather", axis=0))
             node.input[1] = target
-    for name in channel_names:
-        new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [name.replace(".neq_channels", ".k")]))
+    return rewrite
 
+
+def _set_inputs(graph: onnx.GraphProto, manifest: Manifest, channel_names: list[str], dropped_buffers: set[str]) -> None:
+    """Inputs without the masks and dropped buffers; the `<layer>.neq_channels` inputs after the data inputs."""
+    new_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [name.replace(".neq_channels", ".k")]) for name in channel_names]
     masks = {layer.mask_input for layer in manifest.layers}
     inputs = [i for i in graph.input if i.name not in masks and i.name not in dropped_buffers]
     position = max((n for n, i in enumerate(inputs) if i.name in (manifest.input.name, manifest.label_input)), default=-1) + 1
     inputs[position:position] = new_inputs
     del graph.input[:]
     graph.input.extend(inputs)
-    nodes = [n for i, n in enumerate(graph.node) if i not in removed_nodes]
+
+
+def _prune(graph: onnx.GraphProto, accumulators, rewrite: _Rewrite, keep_outputs: list[str]) -> list[onnx.ValueInfoProto]:
+    """The rewritten nodes (dead ones removed) and outputs: loss, logits, the gradients, then the BN statistics.
+    Returns the outputs before the gradients (loss, logits)."""
+    nodes = [n for i, n in enumerate(graph.node) if i not in rewrite.removed_nodes]
     # the Gathers go right before the first accumulator (after every gradient they read)
-    first_acc = next(i for i, n in enumerate(nodes) if n.op_type == _lower.ACCUMULATOR)
-    nodes[first_acc:first_acc] = extra_nodes
-    outputs = [o for o in graph.output if o.name not in dropped_outputs]
+    first_acc = next(i for i, n in enumerate(nodes) if n.op_type == ACCUMULATOR)
+    nodes[first_acc:first_acc] = rewrite.extra_nodes
+    outputs = [o for o in graph.output if o.name not in rewrite.dropped_outputs]
     acc_outputs = {n.output[0] for _, n in accumulators.values()}
-    # loss, logits, the gradients, then the BN statistics
     head = list(itertools.takewhile(lambda o: o.name not in acc_outputs, outputs))
     grads = [o for o in outputs if o.name in acc_outputs]
     stats = {o.name: o for o in outputs}
     kept = head + grads + [stats[n] for n in keep_outputs if n in stats]
     del graph.output[:]
     graph.output.extend(kept)
-
-    nodes = _lower._live(nodes, [o.name for o in kept])
+    nodes = live_nodes(nodes, [o.name for o in kept])
     _drop_unused_outputs(nodes, {o.name for o in kept})
     del graph.node[:]
     graph.node.extend(nodes)
-    forward = {id(n) for n in _lower._live(nodes, [o.name for o in head] + keep_outputs)}
+    return head
+
+
+def _count_macs(nodes: list[onnx.NodeProto], head, keep_outputs: list[str], shapes, layers: dict, plan: _Plan) -> int:
+    """Fill the layers' dX/dW MACs (plan.specs) from their ConvGrads; returns the other backward MACs per image."""
+    forward = {id(n) for n in live_nodes(nodes, [o.name for o in head] + keep_outputs)}
     other_macs = _other_backward_macs([n for n in nodes if id(n) not in forward], shapes)
     conv_of = {f"{layer.weight}_grad": name for name, layer in layers.items()}
     for node in nodes:
         if node.op_type == "ConvGrad":
-            _conv_macs(node, shapes, specs, conv_of, conv_options)
+            _conv_macs(node, shapes, plan.specs, conv_of, plan.conv_options)
+    return other_macs
 
-    model, gradient_outputs = _lower_graph(graph, shapes, keep_outputs, conv_options)
+
+def _channels_rule(conv_options: dict[str, str]) -> Callable[[onnx.NodeProto], Rule | None]:
+    """lower_graph's rule override: a ConvGrad of a "some" layer computes dW / dB of its selected channels."""
+
+    def rule_for(node: onnx.NodeProto) -> Rule | None:
+        if node.op_type == "ConvGrad" and node.name in conv_options:
+            return functools.partial(lower_conv_grad, channels=conv_options[node.name])
+        return None
+
+    return rule_for
+
+
+def _report(model: onnx.ModelProto, layers: dict, states: dict[str, str], bn_update: str, plan: _Plan, other_macs: int) -> SpecializeReport:
+    """The report of the lowered model; gives the gradient outputs of "some" layers their symbolic [k, ...] shape."""
+    grad_names = {o.name for o in model.graph.output if o.name.endswith("_grad")}
     report_layers = {}
-    grad_names = {name for name, _ in gradient_outputs}
     for name, layer in layers.items():
-        spec = specs[name]
+        spec = plan.specs[name]
         spec.gradient_outputs = [f"{p}_grad" for p in (layer.weight, layer.bias, *spec.bn_params) if p and f"{p}_grad" in grad_names]
         report_layers[name] = spec
-    _set_selected_shapes(model, plan, layers, specs)
-    gradient_outputs = [(o.name, _dims(o)) for o in model.graph.output if o.name in grad_names]
-    report = SpecializeReport(
+    _set_selected_shapes(model, plan.actions, layers, plan.specs)
+    return SpecializeReport(
         states=dict(states),
         bn_update=bn_update,
         layers=report_layers,
-        gradient_outputs=gradient_outputs,
-        channel_inputs=channel_names,
+        gradient_outputs=[(o.name, _dims(o)) for o in model.graph.output if o.name in grad_names],
+        channel_inputs=plan.channel_names,
         nodes=len(model.graph.node),
         other_backward_macs=other_macs,
     )
-    report.build_seconds = time.perf_counter() - started
-    return model, report
 
 
 # -- graph analysis ------------------------------------------------------------------------------
@@ -273,9 +336,9 @@ def _accumulators(graph: onnx.GraphProto) -> dict[str, tuple[int, onnx.NodeProto
     """param -> (index, its InPlaceAccumulatorV2 node)."""
     out = {}
     for i, node in enumerate(graph.node):
-        if node.op_type == _lower.ACCUMULATOR and node.domain == MS:
+        if node.op_type == ACCUMULATOR and node.domain == MS:
             buffer = node.input[0]
-            param = buffer[: -len(_lower.BUFFER_SUFFIX)] if buffer.endswith(_lower.BUFFER_SUFFIX) else buffer
+            param = buffer[: -len(BUFFER_SUFFIX)] if buffer.endswith(BUFFER_SUFFIX) else buffer
             out[param] = (i, node)
     return out
 
@@ -401,38 +464,6 @@ def _other_backward_macs(nodes, shapes) -> int:
 # -- lowering ----------------------------------------------------------------------------------
 
 
-def _lower_graph(graph: onnx.GraphProto, shapes, keep_outputs: list[str], conv_options: dict[str, str]):
-    """lower_training_model's steps on the pruned graph, with the channel option for ConvGrad nodes."""
-    report = _lower.LoweringReport(nodes_before=len(graph.node))
-    names = _lower._NameSource(graph)
-    grads, dropped_inputs = _lower._take_accumulators(graph, names, report)
-    outputs = _lower._outputs(graph, grads, keep_outputs, shapes, report)
-    producers = {o: n for n in graph.node for o in n.output if o}
-    new_nodes, new_inits = [], []
-    for node in graph.node:
-        if _lower.is_standard(node):
-            node.domain = ""
-            new_nodes.append(node)
-            continue
-        b = Builder(node, shapes, producers, names)
-        if node.op_type == "ConvGrad" and node.name in conv_options:
-            lower_conv_grad(b, channels=conv_options[node.name])
-        else:
-            RULES[(node.domain if node.domain != "ai.onnx" else "", node.op_type)](b)
-        new_nodes.extend(b.nodes)
-        new_inits.extend(b.initializers)
-    new_nodes = _lower._live(new_nodes, [o.name for o in outputs])
-    inputs = [i for i in graph.input if i.name not in dropped_inputs]
-    input_names = {i.name for i in inputs}
-    used = {i for n in new_nodes for i in n.input} | {o.name for o in outputs}
-    initializers = [t for t in itertools.chain(graph.initializer, new_inits) if t.name in used or t.name in input_names]
-    out_graph = helper.make_graph(new_nodes, graph.name or "specialised_training", inputs, outputs, initializers)
-    model = helper.make_model(out_graph, opset_imports=[helper.make_opsetid("", _lower.OPSET)], ir_version=_lower.IR_VERSION)
-    model.producer_name = "onnx-neq specialize"
-    _lower._fill_output_types(model)
-    return model, [(o.name, None) for o in outputs if o.name.endswith("_grad")]
-
-
 def _set_selected_shapes(model: onnx.ModelProto, plan, layers, specs) -> None:
     """Gradient outputs of "some" layers (and their gathered BN parameters) are [k, ...] with k symbolic."""
     k_of: dict[str, str] = {}
@@ -461,7 +492,7 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
 _FULL_MACS: dict[tuple, int] = {}
 
 
-def full_backward_macs(artifacts: str | Path, manifest, graph: str = "training_model") -> int:
+def full_backward_macs(artifacts: str | Path, manifest: Manifest, graph: str = "training_model") -> int:
     """Backward MACs per image of the unspecialised graph (every gradient), once per graph file. `graph`:
     the manifest's file to read it from, "training_model" (ORT's) or "portable_training_model" (the
     portable backends: the same MACs, from the files a board holds)."""
@@ -475,11 +506,9 @@ def full_backward_macs(artifacts: str | Path, manifest, graph: str = "training_m
     return _FULL_MACS[key]
 
 
-def load_training_graph(artifacts: str | Path, manifest, graph: str = "portable_training_model") -> onnx.ModelProto:
+def load_training_graph(artifacts: str | Path, manifest: Manifest, graph: str = "portable_training_model") -> onnx.ModelProto:
     """The graph `specialize` takes, read from the manifest's file `graph`: ORT's training_model.onnx as it
     is, or portable_training_model.onnx with its convolution gradients raised back (training_graph_from_portable)."""
-    from onnx_neq.manifest import artifact_model
-
     path = artifact_model(artifacts, manifest, graph)
     model = onnx.load(str(path))
     return training_graph_from_portable(model, manifest) if graph == "portable_training_model" else model
@@ -488,7 +517,7 @@ def load_training_graph(artifacts: str | Path, manifest, graph: str = "portable_
 # -- the training graph from the portable model --------------------------------------------------
 
 
-def training_graph_from_portable(portable: onnx.ModelProto, manifest) -> onnx.ModelProto:
+def training_graph_from_portable(portable: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProto:
     """The graph `specialize` takes, rebuilt from portable_training_model.onnx alone (a board holds no
     training_model.onnx): each conv's lowered ConvGrad nodes become one com.microsoft ConvGrad(dY, X, W)
     again, with the forward Conv's attributes and outputs (dX, `<weight>_grad`, `<bias>_grad`), and each
@@ -545,10 +574,10 @@ def _accumulate_gradient_outputs(graph: onnx.GraphProto) -> dict[str, str]:
         mask = producers.get(source)
         masked = mask is not None and mask.op_type == "Mul" and source == f"{param}_grad.masked"
         sources[param] = mask.input[0] if masked else source
-        buffer = f"{param}{_lower.BUFFER_SUFFIX}"
+        buffer = f"{param}{BUFFER_SUFFIX}"
         graph.input.append(onnx.ValueInfoProto(name=buffer, type=out.type))
         acc = f"{out.name}.accumulation.out"
-        graph.node.append(helper.make_node(_lower.ACCUMULATOR, [buffer, source], [acc], name=f"{acc}/accumulate", domain=MS))
+        graph.node.append(helper.make_node(ACCUMULATOR, [buffer, source], [acc], name=f"{acc}/accumulate", domain=MS))
         outputs.append(onnx.ValueInfoProto(name=acc, type=out.type))
     del graph.output[:]
     graph.output.extend(outputs)

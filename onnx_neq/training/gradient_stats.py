@@ -14,7 +14,10 @@ both run it) with every gradient mask at 1 and reads, for every output channel c
                 per-sample losses sum_m l_m with respect to a[n] (what autograd of a summed loss gives).
 
 The probe adds the raw conv outputs a and their gradients dL/da as graph outputs of one in-memory copy
-of the training graph, loaded once. It never changes a parameter: parameters are read-only inputs and
+of the training graph, loaded once. It finds them by the manifest's contract, whatever the graph's node
+names: a is the output of the layer's forward Conv (manifest `node`, or the one Conv reading its `weight`),
+and dL/da is the value nearest to the layer's `<weight>_grad` (and `<bias>_grad`) outputs that every path
+from the label input to them passes through and that has a's shape (the weight gradient is computed from it). It never changes a parameter: parameters are read-only inputs and
 nothing is applied to them.
 
 Cost of GradientProbe.measure: one full forward and backward pass of the training graph per batch (the
@@ -26,15 +29,21 @@ the statistics are reduced.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Layer, Manifest, artifact_model, read_manifest
 from onnx_neq.ort_runtime import ORT_DTYPES, onnxruntime, session_options
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(eq=False)
@@ -99,8 +108,8 @@ class GradientProbe:
         self.manifest: Manifest = read_manifest(self.dir)
         path = artifact_model(self.dir, self.manifest, "portable_training_model")
         model = onnx.load(str(path))
-        index = _GraphIndex.of(model.graph)
-        self.layers = [_layer_outputs(model.graph, index, layer) for layer in self.manifest.layers]
+        index = _GraphIndex.of(model, self.manifest.label_input)
+        self.layers = [_layer_outputs(index, model.graph, layer) for layer in self.manifest.layers]
         _add_outputs(model.graph, [n for lo in self.layers for n in (lo.activation, lo.activation_grad)])
         self.session = onnxruntime().InferenceSession(
             model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
@@ -186,24 +195,93 @@ class GradientProbe:
         return value
 
 
+# reshapes: a same-shaped output of one holds its input's tensor as it is (the weight gradient's computation
+# may reshape dY first; dY itself is the value reshaped)
+_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
 @dataclass
 class _GraphIndex:
-    """What the per-layer lookups need from the whole graph, gathered in one pass."""
+    """What the per-layer lookups need from the whole graph, gathered in one pass: each value's producer (its
+    position in the graph's topological order), which values the labels reach (the backward pass: every gradient
+    depends on them), and the shapes ONNX shape inference gives."""
 
-    produced: set[str]  # every node output
+    nodes: list
+    producer: dict[str, int]  # value -> index of the node that computes it
     outputs: set[str]  # graph outputs
-    constants: set[str]  # initializers, graph inputs, Constant outputs
+    from_labels: set[str]  # values computed from the label input (the loss and every gradient)
+    shapes: dict[str, list]  # value -> dims (ints, symbolic names, None where unknown)
 
     @classmethod
-    def of(cls, graph) -> _GraphIndex:
-        constants = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-        constants |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
-        produced = {out for node in graph.node for out in node.output if out}
-        return cls(produced, {o.name for o in graph.output}, constants)
+    def of(cls, model: onnx.ModelProto, label_input: str) -> _GraphIndex:
+        import onnx
+
+        graph = model.graph
+        nodes = list(graph.node)
+        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        from_labels = {label_input}
+        for node in nodes:
+            if any(i in from_labels for i in node.input):
+                from_labels.update(o for o in node.output if o)
+        try:  # data_prop: the shapes of Expand(dY, Shape(X)) and the like are static too
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
+        except Exception:  # noqa: BLE001 - a best effort: without shapes no gradient is found, and the error names the layer
+            inferred = graph
+        shapes = {}
+        for vi in itertools.chain(inferred.input, inferred.value_info, inferred.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+        return cls(nodes, producer, {o.name for o in graph.output}, from_labels, shapes)
+
+    def same_shape(self, a: str, b: str) -> bool:
+        """Both shapes are known to the rank, equal in their static dims, and symbolic in the same places (shape
+        inference names the batch of the backward pass's values afresh)."""
+        sa, sb = self.shapes.get(a), self.shapes.get(b)
+        if sa is None or sb is None or len(sa) != len(sb) or None in sa or None in sb:
+            return False
+        return all(x == y if isinstance(x, int) else isinstance(y, str) for x, y in zip(sa, sb))
+
+    def gradient_of(self, activation: str, gradients: list[str]) -> str | None:
+        """The gradient dL/da of `activation` a that the parameter gradients `gradients` (a conv's `<weight>_grad`,
+        `<bias>_grad`) are computed from: walking back from them, the first value that every path from the labels
+        to them passes through and that has a's shape (through reshapes of it back to the value itself: the same data)."""
+        found = next((v for v in self._dominators(gradients) if v not in gradients and self.same_shape(v, activation)), None)
+        while found is not None:
+            node = self.nodes[self.producer[found]] if found in self.producer else None
+            source = node.input[0] if node is not None and node.op_type in _RESHAPES and node.input else None
+            if source is None or source not in self.from_labels or not self.same_shape(source, activation):
+                return found
+            found = source
+        return None
+
+    def _dominators(self, sinks: list[str]):
+        """The values every path from the labels to `sinks` passes through, nearest to the sinks first: the values
+        on those paths are visited in reverse topological order, and a value dominates when it is the only one
+        left to visit (the pending values always cut every such path)."""
+
+        def order(value: str) -> int:
+            return -self.producer.get(value, -1)  # graph inputs come last
+
+        pending = {v for v in sinks if v in self.from_labels}
+        heap = [(order(v), v) for v in pending]
+        heapq.heapify(heap)
+        while heap:
+            _, value = heapq.heappop(heap)
+            if value not in pending:
+                continue
+            if len(pending) == 1:
+                yield value
+            pending.discard(value)
+            node = self.nodes[self.producer[value]] if value in self.producer else None
+            for name in node.input if node is not None else ():
+                if name in self.from_labels and name not in pending:  # never visited yet: it comes earlier in the order
+                    pending.add(name)
+                    heapq.heappush(heap, (order(name), name))
 
 
-def _layer_outputs(graph, index: _GraphIndex, layer: Layer) -> _LayerOutputs:
-    """The graph values the probe reads for `layer`, or NeqError naming the layer."""
+def _layer_outputs(index: _GraphIndex, graph, layer: Layer) -> _LayerOutputs:
+    """The graph values the probe reads for `layer`, found by the manifest's contract alone (its weight and bias
+    names, `<param>_grad` outputs, the label input), or NeqError naming the layer."""
 
     def needed(name: str) -> str:
         if name not in index.outputs:
@@ -214,12 +292,11 @@ def _layer_outputs(graph, index: _GraphIndex, layer: Layer) -> _LayerOutputs:
     bias_grad = needed(layer.bias + "_grad") if layer.bias else None
     conv = _forward_conv(graph, layer)
     activation = conv.output[0]
-    candidates = [activation + "_grad", layer.tap_output + "_grad"]
-    found = next((c for c in candidates if c in index.produced), None) or _dy_from_gradient_nodes(graph, index, conv)
-    if found is None or found not in index.produced:
+    found = index.gradient_of(activation, [g for g in (weight_grad, bias_grad) if g])
+    if found is None:
         raise NeqError(
             f"layer {layer.name!r}: cannot find the gradient of its conv output {activation!r} in the portable training model "
-            f"(no {candidates[0]!r}, no ConvGrad or lowered '{conv.name}_Grad/' nodes); run `onnx-neq prepare` again"
+            f"(no value of its shape that {weight_grad!r} is computed from); run `onnx-neq prepare` again"
         )
     return _LayerOutputs(layer, weight_grad, bias_grad, activation, found)
 
@@ -235,20 +312,6 @@ def _forward_conv(graph, layer: Layer):
             f"(weight {layer.weight!r}), expected 1; run `onnx-neq prepare` again"
         )
     return named[0]
-
-
-def _dy_from_gradient_nodes(graph, index: _GraphIndex, conv) -> str | None:
-    """dY of `conv`'s gradient: input 0 of ORT's ConvGrad(dY, X, W), or, in the lowered graph, the one value
-    the '<conv>_Grad/' nodes read from outside other than X, W, B, initializers and constants."""
-    x, w = conv.input[0], conv.input[1]
-    for node in graph.node:
-        if node.op_type == "ConvGrad" and len(node.input) >= 3 and node.input[1] == x and node.input[2] == w:
-            return node.input[0]
-    prefix = conv.name + "_Grad/"
-    nodes = [n for n in graph.node if n.name.startswith(prefix)]
-    inside = {out for n in nodes for out in n.output}
-    external = {i for n in nodes for i in n.input if i and i not in inside and i not in index.constants and i not in conv.input}
-    return external.pop() if len(external) == 1 else None
 
 
 def _add_outputs(graph, names: list[str]) -> None:

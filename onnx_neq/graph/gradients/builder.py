@@ -1,6 +1,6 @@
 """build_training_model: a forward classifier -> the standard-ONNX training graph (loss, logits, gradients).
 
-The contract (what backends/portable.py runs and backends/specialize.py rewrites):
+The contract (what backends/portable.py runs and graph/specialize.py rewrites):
   inputs   the image input, `labels` (int64 [N]), one float mask [C_out] per conv layer, then every
            parameter, trained and frozen, as a graph input (bound by name); other constants stay initializers
   outputs  loss, logits, `<param>_grad` per trained parameter, then per training-mode BatchNorm its batch
@@ -29,8 +29,8 @@ from onnx_neq.errors import NeqError
 from onnx_neq.graph.conv_layers import ConvLayer
 from onnx_neq.graph.gradients.context import GradContext
 from onnx_neq.graph.gradients.rules import NO_GRADIENT, RULES
+from onnx_neq.graph.lowering import IR_VERSION, OPSET, NameSource, live_nodes, static_shapes
 from onnx_neq.graph.lowering.builder import Builder
-from onnx_neq.graph.lowering.lower import IR_VERSION, OPSET, _live, _NameSource, _static_shapes
 from onnx_neq.graph.lowering.norm_grads import lower_batch_norm_internal
 from onnx_neq.graph.passes.activation_rewrites import REWRITTEN_OPS
 
@@ -69,7 +69,7 @@ def build_training_model(
 def build_eval_model(forward: onnx.ModelProto, parameters: list[str], logits: str, label_input: str) -> onnx.ModelProto:
     """The forward graph with the loss: outputs loss and logits; `parameters` become graph inputs."""
     graph = _graph_copy(forward)
-    names = _NameSource(graph)
+    names = NameSource(graph)
     loss, _ = _append_loss(graph, names, logits, label_input)
     outputs = [helper.make_tensor_value_info(loss, TensorProto.FLOAT, []), _output_info(forward, logits)]
     return _assemble(graph, forward, parameters, list(graph.node), outputs, [], label_input, [])
@@ -81,23 +81,23 @@ class _Build:
         self.logits, self.label_input, self.bn_positions = logits, label_input, bn_positions
         self.report = GradientReport()
         self.graph = _graph_copy(forward)
-        self.names = _NameSource(self.graph)
+        self.names = NameSource(self.graph)
         clash = [p for p in self.trainable if f"{p}_grad" in self.names.used]
         if clash:
             raise NeqError(f"the model already has values named {[f'{p}_grad' for p in clash[:3]]}; rename them in the source model")
         self.names.used.update(f"{p}_grad" for p in self.trainable)  # the gradient outputs
         self.loss, self.log_prob = _append_loss(self.graph, self.names, logits, label_input)
         self.report.loss_output = self.loss
-        self.shapes = _static_shapes(_with_loss_types(forward, self.graph, label_input))
+        self.shapes = static_shapes(_with_loss_types(forward, self.graph, label_input))
         self.constants = _int_constants(self.graph)
 
     # -- the graph ---------------------------------------------------------------------------
     def model(self) -> onnx.ModelProto:
         need = self._needing_gradient()
-        self._refuse_missing_rules(need)
+        _refuse_missing_rules(self.graph, need)
         forward_nodes, saved, extra_inits = self._forward_nodes(need)
         self.producers = {o: n for n in forward_nodes for o in n.output if o}
-        grads, nodes, inits = self._backward(need, saved)
+        grads, nodes, inits = _Backward(self).run(need, saved)
         outputs, tail, tail_inits = self._outputs(grads)
         nodes += tail
         inits += tail_inits
@@ -131,21 +131,6 @@ class _Build:
                 useful.update(_outer_values(node))
         return requires & useful
 
-    def _refuse_missing_rules(self, need: set[str]) -> None:
-        missing: dict[str, list[str]] = collections.defaultdict(list)
-        for node in self.graph.node:
-            if any(o in need for o in node.output) and (node.domain not in ("", "ai.onnx") or node.op_type not in RULES):
-                missing[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(node.name)
-        if missing:
-            parts = []
-            for op, nodes in missing.items():
-                shown = ", ".join(repr(n) for n in nodes[:8]) + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")
-                parts.append(f"{op} (nodes {shown})")
-            raise NeqError(
-                f"ops with no gradient rule: {'; '.join(parts)}; replace them with differentiable ops in the source model "
-                f"(prepare rewrites {', '.join(REWRITTEN_OPS)} itself; the ops with rules are listed in ARCHITECTURE.md)"
-            )
-
     def _forward_nodes(self, need: set[str]):
         """The forward nodes as the training graph computes them; (nodes, {BN node: (mean, inv_std)}, initializers)."""
         nodes, saved, inits = [], {}, []
@@ -168,36 +153,57 @@ class _Build:
         internal.attribute.extend(a for a in node.attribute if a.name in ("epsilon", "momentum"))
         b = Builder(internal, self.shapes, {}, self.names)
         lower_batch_norm_internal(b)
-        running_mean = node.input[3]
-        if running_mean in self.bn_positions:
-            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-            self.report.bn_stats.append(
-                {
-                    "running_mean": running_mean,
-                    "running_var": node.input[4],
-                    "batch_mean": mean,
-                    "batch_inv_std": inv_std,
-                    "epsilon": float(eps),
-                    "positions": self.bn_positions[running_mean],
-                }
-            )
+        if node.input[3] in self.bn_positions:
+            self.report.bn_stats.append(_bn_stat(node, mean, inv_std, self.bn_positions[node.input[3]]))
         return b, (mean, inv_std)
 
-    def _backward(self, need: set[str], saved):
+    def _outputs(self, grads: dict[str, str]):
+        """loss, logits, `<param>_grad` (masked for conv layers), then the BatchNorm statistics."""
+        masked = _masked_params(self.layers)
+        outputs = [helper.make_tensor_value_info(self.loss, TensorProto.FLOAT, []), _output_info(self.forward, self.logits)]
+        nodes, inits = [], []
+        types = {t.name: t for t in self.forward.graph.initializer}
+        for p in self.trainable:
+            grad = grads.get(p)
+            if grad is None:
+                self.report.unreached.append(p)
+                grad = self.names(f"{p}_grad.zero")
+                inits.append(numpy_helper.from_array(np.zeros(types[p].dims, helper.tensor_dtype_to_np_dtype(types[p].data_type)), grad))
+            if p in masked:
+                grad = _masked(p, grad, *masked[p], nodes, inits)
+            out = f"{p}_grad"
+            nodes.append(helper.make_node("Identity", [grad], [out], name=f"{out}/output"))
+            outputs.append(helper.make_tensor_value_info(out, types[p].data_type, list(types[p].dims)))
+            self.report.gradient_outputs.append(out)
+        for s in self.report.bn_stats:
+            channels = [self.shapes[s["running_mean"]][1][0]]
+            outputs += [helper.make_tensor_value_info(s[k], TensorProto.FLOAT, channels) for k in ("batch_mean", "batch_inv_std")]
+        return outputs, nodes, inits
+
+
+class _Backward:
+    """The backward pass of a _Build: each forward node's gradient rule, in reverse order, and the sums of a
+    value's gradient contributions."""
+
+    def __init__(self, build: _Build):
+        self.build = build
+        self.names, self.shapes = build.names, build.shapes
+
+    def run(self, need: set[str], saved: dict[str, tuple[str, str]]) -> tuple[dict[str, str], list[onnx.NodeProto], list[onnx.TensorProto]]:
         """Visit the forward nodes in reverse; returns ({value: gradient}, nodes, initializers)."""
-        one = self.names(f"{self.loss}_grad")
+        one = self.names(f"{self.build.loss}_grad")
         inits = [numpy_helper.from_array(np.array(1.0, np.float32), one)]
         contributions: dict[str, list[str]] = collections.defaultdict(list)
-        contributions[self.loss].append(one)
+        contributions[self.build.loss].append(one)
         nodes: list[onnx.NodeProto] = []
         counts: collections.Counter[str] = collections.Counter()
-        for node in reversed(self.graph.node):
-            dys = [self._accumulated(o, contributions, nodes) if o in contributions else None for o in node.output]
+        for node in reversed(self.build.graph.node):
+            dys = [self.accumulated(o, contributions, nodes) if o in contributions else None for o in node.output]
             differentiable = _differentiable(node)
             needs = [i in differentiable and node.input[i] in need for i in range(len(node.input))]
             if not any(dys) or not any(needs):
                 continue
-            g = GradContext(node, dys, needs, self.shapes, self.producers, self.names, self.constants)
+            g = GradContext(node, dys, needs, self.shapes, self.build.producers, self.names, self.build.constants)
             g.saved = saved
             RULES[node.op_type].fn(g)
             self._name_gradients(g, contributions)
@@ -207,8 +213,8 @@ class _Build:
             for i, value in g.grads.items():
                 g.note_shape(value, node.input[i])
                 contributions[node.input[i]].append(value)
-        self.report.differentiated = dict(sorted(counts.items()))
-        grads = {p: self._accumulated(p, contributions, nodes) for p in self.trainable if p in contributions}
+        self.build.report.differentiated = dict(sorted(counts.items()))
+        grads = {p: self.accumulated(p, contributions, nodes) for p in self.build.trainable if p in contributions}
         return grads, nodes, inits
 
     def _name_gradients(self, g: GradContext, contributions) -> None:
@@ -226,7 +232,7 @@ class _Build:
                 n.input[:] = [target if v == value else v for v in n.input]
             g.grads[i] = target
 
-    def _accumulated(self, value: str, contributions: dict[str, list[str]], nodes: list) -> str:
+    def accumulated(self, value: str, contributions: dict[str, list[str]], nodes: list) -> str:
         """The one gradient of `value`: its contribution, or their Sum (emitted once, when first asked)."""
         parts = contributions[value]
         if len(parts) > 1:
@@ -237,44 +243,58 @@ class _Build:
             contributions[value] = [total]
         return contributions[value][0]
 
-    def _outputs(self, grads: dict[str, str]):
-        """loss, logits, `<param>_grad` (masked for conv layers), then the BatchNorm statistics."""
-        masked = {}
-        for layer in self.layers:
-            masked[layer.weight] = (layer.mask_input, len(layer.kernel) + 2)
-            if layer.bias:
-                masked[layer.bias] = (layer.mask_input, 1)
-        outputs = [helper.make_tensor_value_info(self.loss, TensorProto.FLOAT, []), _output_info(self.forward, self.logits)]
-        nodes, inits = [], []
-        types = {t.name: t for t in self.forward.graph.initializer}
-        for p in self.trainable:
-            grad = grads.get(p)
-            if grad is None:
-                self.report.unreached.append(p)
-                grad = self.names(f"{p}_grad.zero")
-                inits.append(numpy_helper.from_array(np.zeros(types[p].dims, helper.tensor_dtype_to_np_dtype(types[p].data_type)), grad))
-            if p in masked:
-                grad = self._masked(p, grad, *masked[p], nodes, inits)
-            out = f"{p}_grad"
-            nodes.append(helper.make_node("Identity", [grad], [out], name=f"{out}/output"))
-            outputs.append(helper.make_tensor_value_info(out, types[p].data_type, list(types[p].dims)))
-            self.report.gradient_outputs.append(out)
-        for s in self.report.bn_stats:
-            channels = [self.shapes[s["running_mean"]][1][0]]
-            outputs += [helper.make_tensor_value_info(s[k], TensorProto.FLOAT, channels) for k in ("batch_mean", "batch_inv_std")]
-        return outputs, nodes, inits
 
-    def _masked(self, param: str, grad: str, mask: str, rank: int, nodes: list, inits: list) -> str:
-        """grad * mask (reshaped to [-1, 1, ...] for a weight), named as GradientMaskPass names it."""
-        scale = mask
-        if rank > 1:
-            shape, scale = f"{mask}.shape{rank}", f"{mask}.{rank}d"
-            if not any(t.name == shape for t in inits):
-                inits.append(numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), np.int64), shape))
-                nodes.append(helper.make_node("Reshape", [mask, shape], [scale], name=f"{mask}.reshape{rank}"))
-        out = f"{param}_grad.masked"
-        nodes.append(helper.make_node("Mul", [grad, scale], [out], name=out))
-        return out
+def _bn_stat(node: onnx.NodeProto, mean: str, inv_std: str, positions: int) -> dict:
+    """The manifest's bn_stats entry of training-mode BatchNorm `node`."""
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    return {
+        "running_mean": node.input[3],
+        "running_var": node.input[4],
+        "batch_mean": mean,
+        "batch_inv_std": inv_std,
+        "epsilon": float(eps),
+        "positions": positions,
+    }
+
+
+def _masked_params(layers: list[ConvLayer]) -> dict[str, tuple[str, int]]:
+    """Each conv weight and bias -> (its layer's mask input, the rank its gradient has)."""
+    masked = {}
+    for layer in layers:
+        masked[layer.weight] = (layer.mask_input, len(layer.kernel) + 2)
+        if layer.bias:
+            masked[layer.bias] = (layer.mask_input, 1)
+    return masked
+
+
+def _masked(param: str, grad: str, mask: str, rank: int, nodes: list, inits: list) -> str:
+    """grad * mask (reshaped to [-1, 1, ...] for a weight), named as GradientMaskPass names it."""
+    scale = mask
+    if rank > 1:
+        shape, scale = f"{mask}.shape{rank}", f"{mask}.{rank}d"
+        if not any(t.name == shape for t in inits):
+            inits.append(numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [mask, shape], [scale], name=f"{mask}.reshape{rank}"))
+    out = f"{param}_grad.masked"
+    nodes.append(helper.make_node("Mul", [grad, scale], [out], name=out))
+    return out
+
+
+def _refuse_missing_rules(graph: onnx.GraphProto, need: set[str]) -> None:
+    """NeqError naming the ops (and their nodes) on a gradient path that have no gradient rule."""
+    missing: dict[str, list[str]] = collections.defaultdict(list)
+    for node in graph.node:
+        if any(o in need for o in node.output) and (node.domain not in ("", "ai.onnx") or node.op_type not in RULES):
+            missing[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(node.name)
+    if missing:
+        parts = []
+        for op, nodes in missing.items():
+            shown = ", ".join(repr(n) for n in nodes[:8]) + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")
+            parts.append(f"{op} (nodes {shown})")
+        raise NeqError(
+            f"ops with no gradient rule: {'; '.join(parts)}; replace them with differentiable ops in the source model "
+            f"(prepare rewrites {', '.join(REWRITTEN_OPS)} itself; the ops with rules are listed in ARCHITECTURE.md)"
+        )
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -370,7 +390,7 @@ def _assemble(graph, forward, params: list[str], nodes, outputs, new_inits, labe
     initializers = {t.name: t for t in itertools.chain(graph.initializer, new_inits)}
     data_inputs = [i for i in forward.graph.input if i.name not in initializers]
     param_inputs = [helper.make_tensor_value_info(p, initializers[p].data_type, list(initializers[p].dims)) for p in params]
-    live = _live(list(nodes), [o.name for o in outputs])
+    live = live_nodes(list(nodes), [o.name for o in outputs])
     used = {i for n in live for i in n.input} | {o.name for o in outputs}
     param_set = set(params)
     kept = [t for name, t in initializers.items() if name in used and name not in param_set]

@@ -3,8 +3,8 @@
 Conv, BatchNormalization, MaxPool and AveragePool go through the lowering rules of ORT's ConvGrad,
 BatchNormalizationGrad, MaxPoolGrad and AveragePoolGrad: the dW forms, the BatchNorm summation order
 (bit-identical to ORT's CPU kernel) and the pooling scatter are the lowering's. ConvGrad is named
-`<conv>_Grad/ConvGrad_0`, so its lowered nodes carry that prefix (backends/specialize.py and
-gradient_stats.py find a conv's gradient nodes by it). AveragePool follows PyTorch's gradient where ORT's
+`<conv>_Grad/ConvGrad_0`, so its lowered nodes carry that prefix (graph/specialize.py raises a conv's
+gradient nodes back into one ConvGrad by it). AveragePool follows PyTorch's gradient where ORT's
 kernel does not (3-D windows, a dynamic batch): see lowering/pool_grads.py.
 """
 

@@ -11,7 +11,7 @@ dW: for a regular conv with at least 8x8 output positions, an im2col (one stride
     (`_im2col_pays`).
 dB: ReduceSum(dY) over batch and spatial axes.
 
-With `channels` (an int64 value of k output-channel indices, k dynamic; backends/specialize.py) dW and dB
+With `channels` (an int64 value of k output-channel indices, k dynamic; graph/specialize.py) dW and dB
 are computed for those channels only, as [k, ...]: dY's channels are gathered first. Regular convs run the
 same full-form dW (MatMul, im2col or swapped-roles Conv) on the k gathered channels; depthwise convs also gather X's channels
 (channel c reads input channel c // multiplier) and correlate tap by tap (per tap a strided Slice of the
@@ -127,7 +127,7 @@ def _im2col_pays(c_in: int, out: list[int]) -> bool:
 def _dw_im2col(b: Builder, dy, x, c_in, kernel, strides, dilations, begin, end, out, target) -> None:
     """dW[co, ci, t] = sum_n sum_l dY[n, co, l] * cols[n, ci, t, l], cols[.., t, :] one strided Slice of the
     padded X per kernel tap t: a batched MatMul [N, Cin*K, L] @ [N, L, Cout], summed over N. dY may hold
-    any number of gathered channels (backends/specialize.py): the MatMul's cost follows it."""
+    any number of gathered channels (graph/specialize.py): the MatMul's cost follows it."""
     r = len(kernel)
     axes = list(range(2, 2 + r))
     padded = b.op("Pad", [x, b.const([0, 0, *begin, 0, 0, *end])]) if any(begin + end) else x

@@ -1,9 +1,14 @@
-"""lower_training_model: ORT's training_model.onnx -> a standard-ONNX graph that computes loss, logits and gradients."""
+"""lower_training_model: ORT's training_model.onnx -> a standard-ONNX graph that computes loss, logits and gradients.
+
+Its steps are public for the graph modules that rewrite a training graph first (specialize.py) or build one
+(gradients/builder.py): `refuse_unknown`, `static_shapes`, `lower_graph`, `live_nodes` and `NameSource`.
+"""
 
 from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -11,7 +16,7 @@ from onnx import helper
 
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.lowering.builder import Builder
-from onnx_neq.graph.lowering.rules import RULES
+from onnx_neq.graph.lowering.rules import RULES, Rule
 
 OPSET = 17
 IR_VERSION = 8
@@ -51,13 +56,44 @@ def lower_training_model(model: onnx.ModelProto, keep_outputs: list[str] | None 
     """
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
-    _refuse_unknown(graph)
-    shapes = _static_shapes(model)
+    refuse_unknown(graph)
+    return lower_graph(graph, static_shapes(model), keep_outputs or [])
+
+
+def lower_graph(
+    graph: onnx.GraphProto,
+    shapes: dict[str, tuple[int, list | None]],
+    keep_outputs: list[str],
+    rule_for: Callable[[onnx.NodeProto], Rule | None] | None = None,
+    graph_name: str = "portable_training",
+    producer_name: str = "onnx-neq lowering",
+) -> tuple[onnx.ModelProto, LoweringReport]:
+    """lower_training_model's steps on `graph` (an ORT training graph that `refuse_unknown` accepts; it is
+    changed in place), with `shapes` from `static_shapes` of its model. `rule_for(node)`: a rule that
+    replaces the registry's for that node (None: the registry's); `graph_name` names the graph when it has
+    no name, `producer_name` the model's producer."""
     report = LoweringReport(nodes_before=len(graph.node))
-    names = _NameSource(graph)
+    names = NameSource(graph)
     grads, dropped_inputs = _take_accumulators(graph, names, report)
-    outputs = _outputs(graph, grads, keep_outputs or [], shapes, report)  # appends Identity nodes for renamed gradients
+    outputs = _outputs(graph, grads, keep_outputs, shapes, report)  # appends Identity nodes for renamed gradients
     report.gradient_outputs = [f"{param}_grad" for out, (_, param, _) in grads.items() if out in {o.name for o in graph.output}]
+    new_nodes, new_inits = _lowered_nodes(graph, shapes, names, report, rule_for)
+    new_nodes = live_nodes(new_nodes, [o.name for o in outputs])
+    inputs = [i for i in graph.input if i.name not in dropped_inputs]
+    input_names = {i.name for i in inputs}
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in outputs}
+    initializers = [t for t in itertools.chain(graph.initializer, new_inits) if t.name in used or t.name in input_names]
+    out_graph = helper.make_graph(new_nodes, graph.name or graph_name, inputs, outputs, initializers)
+    lowered = helper.make_model(out_graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    lowered.producer_name = producer_name
+    _fill_output_types(lowered)
+    report.nodes_after = len(new_nodes)
+    return lowered, report
+
+
+def _lowered_nodes(graph: onnx.GraphProto, shapes, names: NameSource, report: LoweringReport, rule_for) -> tuple[list, list]:
+    """Every node of `graph` in standard ONNX: standard nodes as they are (default domain), the others by their
+    rule; (nodes, new initializers). Counts the lowered op types in `report.lowered`."""
     producers = {o: n for n in graph.node for o in n.output if o}
     new_nodes, new_inits = [], []
     counts: collections.Counter[str] = collections.Counter()
@@ -67,24 +103,16 @@ def lower_training_model(model: onnx.ModelProto, keep_outputs: list[str] | None 
             new_nodes.append(node)
             continue
         b = Builder(node, shapes, producers, names)
-        RULES[(node.domain if node.domain != "ai.onnx" else "", node.op_type)](b)
+        rule = rule_for(node) if rule_for is not None else None
+        (rule or RULES[(node.domain if node.domain != "ai.onnx" else "", node.op_type)])(b)
         new_nodes.extend(b.nodes)
         new_inits.extend(b.initializers)
         counts[node.op_type] += 1
     report.lowered = dict(sorted(counts.items()))
-    new_nodes = _live(new_nodes, [o.name for o in outputs])
-    inputs = [i for i in graph.input if i.name not in dropped_inputs]
-    used = {i for n in new_nodes for i in n.input} | {o.name for o in outputs}
-    initializers = [t for t in itertools.chain(graph.initializer, new_inits) if t.name in used or t.name in {i.name for i in inputs}]
-    out_graph = helper.make_graph(new_nodes, graph.name or "portable_training", inputs, outputs, initializers)
-    lowered = helper.make_model(out_graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    lowered.producer_name = "onnx-neq lowering"
-    _fill_output_types(lowered)
-    report.nodes_after = len(new_nodes)
-    return lowered, report
+    return new_nodes, new_inits
 
 
-def _refuse_unknown(graph: onnx.GraphProto) -> None:
+def refuse_unknown(graph: onnx.GraphProto) -> None:
     """NeqError naming, on one line, every non-standard op type without a rule and its nodes."""
     missing: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for node in graph.node:
@@ -102,7 +130,7 @@ def _refuse_unknown(graph: onnx.GraphProto) -> None:
     raise NeqError("no standard-ONNX lowering for " + " | ".join(parts))
 
 
-class _NameSource:
+class NameSource:
     """Fresh value/node names that clash with nothing in the graph."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -120,7 +148,7 @@ class _NameSource:
         return name
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]:
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]:
     """name -> (elem_type, dims) from the model's own value_info (ORT writes it) and ONNX shape inference."""
     shapes: dict[str, tuple[int, list | None]] = {}
 
@@ -147,7 +175,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]
     return shapes
 
 
-def _take_accumulators(graph: onnx.GraphProto, names: _NameSource, report: LoweringReport):
+def _take_accumulators(graph: onnx.GraphProto, names: NameSource, report: LoweringReport):
     """Remove InPlaceAccumulatorV2 nodes; returns ({accumulation.out: (grad value, param)}, inputs to drop)."""
     grads: dict[str, tuple[str, str]] = {}
     dropped: set[str] = set()
@@ -208,7 +236,7 @@ def _outputs(graph: onnx.GraphProto, grads, keep: list[str], shapes, report) -> 
     return outputs
 
 
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+def live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
     """The nodes that some output depends on, in their order."""
     needed = set(outputs)
     live = []
