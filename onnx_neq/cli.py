@@ -11,9 +11,65 @@ import click
 
 from onnx_neq.backends.base import BACKENDS
 from onnx_neq.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
-from onnx_neq.selection.cost_model import KINDS as COST_KINDS
-from onnx_neq.selection.registry import FIRST_EPOCH_RULES, RANK_COSTS, SELECTORS
-from onnx_neq.selection.velocity import PHI_MODES
+from onnx_neq.results.plan import DEFAULT_METHODS, DEFAULT_SEEDS, PAPER_RATIOS, parse_method
+from onnx_neq.training import metrics
+from onnx_neq.training.config import RECIPE, TRAIN, Setting, TrainConfig, settings_of
+
+
+class _Numbers(click.ParamType):
+    """Comma-separated numbers, '0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; a value that is not one: a NeqError (one line)."""
+
+    def __init__(self, cast: type, what: str, example: str):
+        self.cast, self.what, self.example, self.name = cast, what, example, what
+
+    def convert(self, value, param, ctx) -> list:
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.cast(x) for x in value.split(",")]
+        except ValueError:
+            raise NeqError(f"{_flag(param)} takes comma-separated {self.what} such as {self.example}, not {value!r}") from None
+
+
+class _Methods(click.ParamType):
+    """Comma-separated methods, each a selector with optional variant settings in brackets, where ';' or ','
+    separate them: 'velocity[phi=flat;rank_cost=authors],random' -> ['velocity[phi=flat,rank_cost=authors]', 'random']."""
+
+    name = "methods"
+
+    def convert(self, value, param, ctx) -> list[str]:
+        if isinstance(value, list):
+            return value
+        parts, depth, current = [], 0, ""
+        for ch in value:
+            depth += (ch == "[") - (ch == "]")
+            if ch == "," and depth == 0:
+                parts.append(current)
+                current = ""
+            else:
+                current += ";" if ch == "," else ch
+        methods = [p.strip().replace(";", ",") for p in [*parts, current] if p.strip()]
+        for method in methods:
+            parse_method(method)  # an unknown selector or variant: its NeqError now, before any run
+        return methods
+
+
+class _Classes(click.ParamType):
+    """'5-9' or '0,2,4' -> a list of class indices (data.datasets.parse_classes)."""
+
+    name = "classes"
+
+    def convert(self, value, param, ctx) -> list[int]:
+        from onnx_neq.data.datasets import parse_classes
+
+        return value if isinstance(value, list) else parse_classes(value)
+
+
+def _flag(param: click.Parameter | None) -> str:
+    return max(param.opts, key=len) if param is not None and param.opts else "the value"
+
+
+FLOATS = _Numbers(float, "numbers", "0.5,0.5,0.5")
 
 
 class _Group(click.Group):
@@ -75,15 +131,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     show_default=True,
     help="BatchNorm during training: batch statistics (train) or running statistics (frozen).",
 )
-@click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Input normalization mean, recorded for prepare.")
-@click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Input normalization std, recorded for prepare.")
+@click.option("--mean", type=FLOATS, default="0.485,0.456,0.406", show_default=True, help="Input normalization mean, recorded for prepare.")
+@click.option("--std", type=FLOATS, default="0.229,0.224,0.225", show_default=True, help="Input normalization std, recorded for prepare.")
 def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean, std) -> None:
     """Export a torchvision-shaped CNN to an ONNX file that ORT training accepts (needs torch)."""
     from onnx_neq.export import export as run_export
 
-    report = run_export(
-        arch, output, weights, num_classes, resolution, width_mult, bn, mean=_floats(mean, "--mean"), std=_floats(std, "--std")
-    )
+    report = run_export(arch, output, weights, num_classes, resolution, width_mult, bn, mean=mean, std=std)
     head = " (head re-initialized for the new class count)" if report.head_replaced else ""
     click.echo(f"wrote {output}: {arch}, {report.params:,} parameters, {num_classes} classes, {resolution}x{resolution} input{head}")
     click.echo(f"ONNX Runtime vs PyTorch logits: max |diff| = {report.max_abs_diff:.2e}")
@@ -104,19 +158,22 @@ def export(arch, output, weights, num_classes, resolution, width_mult, bn, mean,
 )
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer model to generate.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW decoupled weight decay [default: 0.01 for adamw].")
-@click.option("--mean", default=None, help="Override the input normalization mean (comma-separated).")
-@click.option("--std", default=None, help="Override the input normalization std (comma-separated).")
+@click.option("--mean", type=FLOATS, default=None, help="Override the input normalization mean (comma-separated).")
+@click.option("--std", type=FLOATS, default=None, help="Override the input normalization std (comma-separated).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Replace the classifier head with a fresh one of N classes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new head's initialization.")
-@click.option("--input-shape", default=None, help="N,C,H,W to fix dynamic input dims (the batch stays dynamic), e.g. 1,3,224,224.")
+@click.option(
+    "--input-shape",
+    type=_Numbers(int, "integers", "1,3,224,224"),
+    default=None,
+    help="N,C,H,W to fix dynamic input dims (the batch stays dynamic), e.g. 1,3,224,224.",
+)
 def prepare(model, out_dir, optimizer, weight_decay, mean, std, num_classes, seed, input_shape) -> None:
     """Make training artifacts (gradient graph with per-channel masks, activation taps, manifest)."""
     from onnx_neq.graph.prepare import prepare as run_prepare
     from onnx_neq.results.summary import manifest_summary, prepare_changes
 
-    report = run_prepare(
-        model, out_dir, optimizer, _floats(mean, "--mean"), _floats(std, "--std"), weight_decay, num_classes, seed, _ints(input_shape)
-    )
+    report = run_prepare(model, out_dir, optimizer, mean, std, weight_decay, num_classes, seed, input_shape)
     click.echo(manifest_summary(report.manifest))
     click.echo(prepare_changes(report))
     files = ", ".join([*report.manifest.files.values(), "manifest.json"])
@@ -142,154 +199,59 @@ def export_inference(artifacts_dir, output, checkpoint, backend) -> None:
     click.echo(f"wrote {output}")
 
 
-def _classes(text: str | None) -> list[int] | None:
-    from onnx_neq.data.datasets import parse_classes
-
-    return parse_classes(text) if text is not None else None
-
-
-def _choice(flag: str, choices, default: str | None, help: str):
-    return click.option(flag, type=click.Choice(list(choices)), default=default, show_default=default is not None, help=help)
-
-
-def _count(flag: str, minimum: int, default: int, help: str):
-    return click.option(flag, type=click.IntRange(min=minimum), default=default, show_default=True, help=help)
+def _option(s: Setting):
+    """The click option of a setting (training/config.py)."""
+    if s.kind is bool and not s.switch:
+        return click.option(s.flag, is_flag=True, help=s.help)
+    decl = f"{s.flag}/--no-{s.flag[2:]}" if s.switch else s.flag
+    default = s.default if s.default is not None else s.cli_default
+    return click.option(decl, s.name, type=_type(s), default=default, show_default=default is not None, help=s.help)
 
 
-def _recipe_options(command):
-    """Options of the training recipe, shared by train and compare."""
-    options = [
-        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
-        click.option(
-            "--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (warm-up from 0, then cosine, per iteration)."
-        ),
-        click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
-        click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, show_default=True),
-        click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime threads (0: all cores)."),
-        click.option(
-            "--memory-pattern/--no-memory-pattern",
-            default=False,
-            show_default=True,
-            help="portable/specialized: ORT's memory pattern, one planned block for a step's tensors (up to 2x peak RSS; no faster in our measurements).",
-        ),
-        _choice(
-            "--backend",
-            BACKENDS,
-            None,
-            "ort-training (onnxruntime-training), portable (stock onnxruntime) or specialized (portable, each epoch's graph computing only what the selection trains) [default: ort-training where installed].",
-        ),
-        _choice(
-            "--bn-update",
-            ("always", "selected"),
-            None,
-            "BatchNorm scale/bias: always trained (the paper), or only with their conv's selected channels, counted in the budget (--backend specialized) [default: always; selected with --cost compute|memory].",
-        ),
-        _choice(
-            "--cost",
-            COST_KINDS,
-            None,
-            "What a selection costs: parameters (the paper), backward MACs per image, or bytes of training memory; compute and memory rank and fill within that unit, reach included, on --backend specialized [default: params, or the unit of --compute-budget/--memory-budget].",
-        ),
-        _choice(
-            "--phi",
-            PHI_MODES,
-            "spatial",
-            "Velocity's phi: cosine over each image's positions (the paper), or over all images and positions at once (informative at 1x1 maps).",
-        ),
-        _choice(
-            "--rank-cost",
-            RANK_COSTS,
-            "exact",
-            "Cost that rankings divide by: exact, or a depthwise neuron at C_in times its weights (the authors' code); the budget counts exact costs.",
-        ),
-        _count("--probe-batches", 1, 2, "gradnorm/fisher: training batches per epoch on which every channel's gradient is measured."),
-        _count("--gradnorm-pool", 0, 0, "gradnorm: draw only from the N layers of largest gradient norm per parameter (0: every layer)."),
-        click.option(
-            "--train-limit",
-            type=click.IntRange(min=2),
-            default=None,
-            help="Use a fixed stratified subset of N training images (before the validation split).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _type(s: Setting) -> click.ParamType | None:
+    if s.choices:
+        return click.Choice(list(s.choices))
+    if s.directory:
+        return click.Path(file_okay=False, path_type=Path)
+    if s.kind is int:
+        return click.IntRange(min=s.minimum) if s.minimum is not None and s.cli_range else click.INT
+    return {float: click.FLOAT, str: click.STRING, list: _Classes(), bool: click.BOOL}[s.kind]
+
+
+def _settings_options(where: str, config_class: type = TrainConfig):
+    """The options of the settings of `config_class` that the CLI offers `where` (TRAIN or RECIPE), in the table's order."""
+
+    def decorate(command):
+        for s in reversed([s for s in settings_of(config_class) if s.cli == where]):
+            command = _option(s)(command)
+        return command
+
+    return decorate
 
 
 @main.command("train")
 @click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    default="digits",
-    show_default=True,
-    help="digits | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR | npz:FILE",
-)
-@click.option("--classes", default=None, help="Keep only these classes, relabelled 0..k-1 (e.g. 5-9).")
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory [default: runs/SELECTOR-DATA-TIME]."
-)
-@click.option("--budget", type=click.IntRange(min=0), default=None, help="Max updated conv parameters per epoch (--cost params).")
-@click.option("--compute-budget", default=None, help="Max backward MACs per image, e.g. 120M (implies --cost compute).")
-@click.option("--memory-budget", default=None, help="Max training memory in bytes, e.g. 256KB (implies --cost memory).")
-@click.option(
-    "--budget-ratio", type=float, default=None, help="Budget as a fraction of the total in the cost model's unit [default: 0.308]."
-)
-@click.option(
-    "--selector",
-    type=click.Choice(list(SELECTORS)),
-    default="velocity",
-    show_default=True,
-    help="; ".join(f"{s.name}: {s.summary}" for s in SELECTORS.values()) + ".",
-)
-@click.option(
-    "--init",
-    type=click.Choice(list(FIRST_EPOCH_RULES)),
-    default=None,
-    help="First-epoch selection of the selectors that need a trained epoch first (velocity, neq) [default: random; full for neq].",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--velocity-images",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Size of the fixed velocity set, drawn from the validation split.",
-)
-@click.option("--mu", type=float, default=0.5, show_default=True, help="Velocity momentum.")
-@click.option("--eps", type=float, default=1e-3, show_default=True, help="NEq threshold on |velocity|.")
-@click.option(
-    "--su-scheme",
-    default=None,
-    help="Sparse Update scheme: 1-5 (MobileNetV2) or a JSON/YAML file [default: largest built-in within the budget].",
-)
-@click.option("--backfill", is_flag=True, help="Greedy selection keeps filling the budget with cheaper neurons after the first misfit.")
-@click.option(
-    "--recurrence",
-    type=click.Choice(["code", "textbook"]),
-    default="code",
-    show_default=True,
-    help="Velocity recurrence: the authors' code, or the slides'.",
-)
+@_settings_options(TRAIN)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its stored settings.")
-@_recipe_options
-def train_command(artifacts_dir, data, classes, out, resume, **options) -> None:
+@_settings_options(RECIPE)
+def train_command(artifacts_dir, resume, **settings) -> None:
     """Fine-tune under a parameter budget; between epochs the selector rewrites the masks.
 
     With no arguments: the shipped MobileNetV2 0.35 (pretrained on Fashion-MNIST classes 0-4)
     fine-tuned on digits at 30.8% of its selectable parameters with the velocity selector.
     """
     from onnx_neq.results.summary import train_summary
-    from onnx_neq.training.train import TrainConfig, train
+    from onnx_neq.training.train import train
 
+    out, data = settings.pop("out"), settings["data"]
     if resume and out is None:
         raise NeqError("--resume needs --out RUN_DIR, the run to continue")
-    class_list = _classes(classes)
     if artifacts_dir is None and not resume:
-        artifacts_dir = _default_artifacts(data, class_list)
-    out = out or Path("runs") / f"{options['selector']}-{data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(artifacts=str(artifacts_dir or ""), data=data, out=str(out), classes=class_list, **options)
+        artifacts_dir = _default_artifacts(data, settings["classes"])
+    out = out or Path("runs") / f"{settings['selector']}-{data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = TrainConfig(artifacts=str(artifacts_dir or ""), out=str(out), **settings)
     ctx = click.get_current_context()
-    given = {k: v for k, v in {**options, "data": data, "classes": class_list}.items() if _given(ctx, k)}
+    given = {k: v for k, v in settings.items() if _given(ctx, k)}
     progress = _Progress()
     try:
         result = train(config, resume=resume, progress=progress, overrides=given if resume else None)
@@ -345,9 +307,10 @@ class _Progress:
             if not self.header:
                 click.echo("epoch  lr        loss     train   val     test    updated    selected  seconds", err=True)
                 self.header = True
-            r = info
+            r, m = info, metrics
             click.echo(
-                f"{r['epoch']:>5}  {float(r['lr']):<8.4g}  {float(r['train_loss']):<7.4f}  {float(r['train_top1']):.4f}  {float(r['val_top1']):.4f}  {float(r['test_top1']):.4f}  {r['updated_params']:>9,}  {r['selected_neurons']:>8,}  {float(r['epoch_seconds']):>7.2f}",
+                f"{r[m.EPOCH]:>5}  {float(r[m.LR]):<8.4g}  {float(r[m.TRAIN_LOSS]):<7.4f}  {float(r[m.TRAIN_TOP1]):.4f}  {float(r[m.VAL_TOP1]):.4f}"
+                f"  {float(r[m.TEST_TOP1]):.4f}  {r[m.UPDATED_PARAMS]:>9,}  {r[m.SELECTED_NEURONS]:>8,}  {float(r[m.EPOCH_SECONDS]):>7.2f}",
                 err=True,
             )
 
@@ -373,7 +336,7 @@ def _start_lines(info: dict) -> list[str]:
 @main.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", default="digits", show_default=True, help="Data spec, as for train.")
-@click.option("--classes", default=None, help="Keep only these classes (as for train).")
+@click.option("--classes", type=_Classes(), default=None, help="Keep only these classes (as for train).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 def eval_command(model, data, classes, split) -> None:
     """Top-1 of an inference model written by `onnx-neq train` (MODEL or RUN_DIR)."""
@@ -381,7 +344,7 @@ def eval_command(model, data, classes, split) -> None:
 
     if model.is_dir():
         model = model / "model.onnx"
-    result = evaluate(model, data, _classes(classes), split)
+    result = evaluate(model, data, classes, split)
     click.echo(f"{result.model}: top-1 {result.top1:.4f} on {result.images:,} {split} images of {result.data}")
 
 
@@ -397,14 +360,27 @@ def eval_command(model, data, classes, split) -> None:
 )
 @click.option(
     "--methods",
-    default="velocity,random,su,full",
+    type=_Methods(),
+    default=",".join(DEFAULT_METHODS),
     show_default=True,
     help="Comma-separated selectors, each optionally with variant options: velocity[phi=flat;rank_cost=authors].",
 )
-@click.option("--budget-ratios", default="0.088,0.212,0.308", show_default=True, help="Comma-separated budget fractions.")
-@click.option("--seeds", default="0,42,100,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option(
+    "--budget-ratios",
+    type=_Numbers(float, "numbers", "0.1,0.3"),
+    default=",".join(map(str, PAPER_RATIOS)),
+    show_default=True,
+    help="Comma-separated budget fractions.",
+)
+@click.option(
+    "--seeds",
+    type=_Numbers(int, "integers", "0,42,100"),
+    default=",".join(map(str, DEFAULT_SEEDS)),
+    show_default=True,
+    help="Comma-separated seeds.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for runs/ and report/.")
-@_recipe_options
+@_settings_options(RECIPE)
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
     """Run selectors x budgets x seeds on each data set; write the paper-shaped table and plots."""
     from onnx_neq.results.compare import CompareConfig, compare
@@ -414,12 +390,7 @@ def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **
         return str(artifacts_dir) if artifacts_dir else str(default_artifacts(_count_classes(data, None)))
 
     config = CompareConfig(
-        data=list(datas),
-        out=str(out),
-        methods=_methods(methods),
-        budget_ratios=_floats(budget_ratios, "--budget-ratios"),
-        seeds=[int(s) for s in seeds.split(",")],
-        train_options=train_options,
+        data=list(datas), out=str(out), methods=methods, budget_ratios=budget_ratios, seeds=seeds, train_options=train_options
     )
     progress = _CompareProgress()
     files = compare(config, artifacts_for, progress=progress)
@@ -427,19 +398,6 @@ def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
     if progress.failed:
         raise NeqError(f"{len(progress.failed)} run(s) failed and are not in the report (listed above with their reasons)")
-
-
-def _methods(text: str) -> list[str]:
-    """Split on commas outside brackets; inside them ';' or ',' separate variant options."""
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ";" if ch == "," else ch
-    return [p.strip().replace(";", ",") for p in [*parts, current] if p.strip()]
 
 
 class _CompareProgress(_Progress):
@@ -470,25 +428,6 @@ def report_command(runs, out) -> None:
     files = write_report(list(runs), out)
     click.echo(files["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
-
-
-def _ints(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise NeqError(f"--input-shape takes comma-separated integers such as 1,3,224,224, not {text!r}") from None
-
-
-def _floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise NeqError(f"{option} takes comma-separated numbers such as 0.5,0.5,0.5, not {text!r}") from None
-    return values
 
 
 if __name__ == "__main__":

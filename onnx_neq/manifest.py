@@ -214,26 +214,12 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
-BACKEND_FILES = {  # the manifest.files each backend reads (besides manifest.json): the one list of them
-    "ort-training": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
-    "portable": ("portable_training_model", "eval_model", "parameters"),
-    "specialized": ("portable_training_model", "eval_model", "parameters"),
-}
-
-
-def files_needed(manifest: Manifest, backend: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """The artifact files a run on `backend` reads, by name, manifest.json first: what its fingerprint
-    covers. `extra`: more manifest.files keys the run reads (the gradient probe's portable_training_model).
-    An unknown backend reads every file the manifest lists."""
-    keys = [*BACKEND_FILES.get(backend, tuple(manifest.files)), *extra]
+def files_needed(manifest: Manifest, keys: tuple[str, ...], reader: str, absent_fix: str = "re-run `onnx-neq prepare`") -> list[str]:
+    """The artifact files named by manifest.files `keys`, manifest.json first: what a run's fingerprint covers.
+    `reader` names who reads them for the error when the manifest lacks one, with `absent_fix`."""
     absent = [key for key in keys if key not in manifest.files]
-    if absent and backend == "ort-training":
-        raise NeqError(
-            "these artifacts have no onnxruntime-training files (prepared where it is not installed); for --backend ort-training "
-            "prepare them again in an environment made with requirements/ort-training.txt, or train with --backend portable"
-        )
     if absent:
-        raise NeqError(f"the artifacts' {FILENAME} names no {absent[0]} file, which --backend {backend} reads; re-run `onnx-neq prepare`")
+        raise NeqError(f"the artifacts' {FILENAME} names no {absent[0]} file, which {reader} reads; {absent_fix}")
     return [FILENAME, *sorted({manifest.files[key] for key in keys})]
 
 

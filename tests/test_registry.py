@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from onnx_neq.errors import NeqError
+from onnx_neq.results.plan import method_label, parse_method
 from onnx_neq.selection.cost_model import CostModel
-from onnx_neq.selection.registry import SELECTORS, SelectionInputs, method_label, parse_method
+from onnx_neq.selection.registry import SELECTORS, SelectionInputs
 from onnx_neq.selection.velocity import cosine_distance
 
 

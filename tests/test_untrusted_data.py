@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from onnx_neq.data.datasets import Split, check_labels, load_dataset, parse_classes, select_classes
 from onnx_neq.data import datasets as data_module
+from onnx_neq.data.datasets import Split, check_labels, load_dataset, parse_classes, select_classes
 from onnx_neq.errors import NeqError
 
 

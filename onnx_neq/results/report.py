@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_neq.backends.base import SPECIALIZED
 from onnx_neq.errors import NeqError
-from onnx_neq.selection.registry import SELECTORS, method_label
+from onnx_neq.results.plan import method_label
+from onnx_neq.selection.registry import FULL, RANDOM, SELECTORS, SU, VELOCITY
+from onnx_neq.training import metrics
 from onnx_neq.training.run_dir import RunDir
 
 
@@ -48,7 +51,6 @@ class RunSummary:
 
 
 COST_MARKERS = {"params": "o", "compute": "s", "memory": "^"}  # accuracy-vs-step markers per --cost
-SPENT_COLUMNS = {"params": "updated_params", "compute": "cost_macs", "memory": "cost_bytes"}  # metrics.csv, per --cost
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -61,9 +63,9 @@ def summarize(path: str | Path) -> RunSummary:
         raise NeqError(f"{path} has no finished epoch")
     config, budget = settings["config"], settings["budget"]
     state = run.load_state()
-    test = [float(r["test_top1"]) for r in rows]
-    test_at = {int(r["epoch"]): float(r["test_top1"]) for r in rows}
-    spent = SPENT_COLUMNS[config.get("cost") or "params"]  # the selection's cost in the budget's own unit
+    test = [float(r[metrics.TEST_TOP1]) for r in rows]
+    test_at = {int(r[metrics.EPOCH]): float(r[metrics.TEST_TOP1]) for r in rows}
+    spent = metrics.SPENT[config.get("cost") or "params"]  # the selection's cost in the budget's own unit
     updated = np.mean([int(r[spent]) for r in rows[1:] or rows]) / budget["total"]
     data = config["data"] + (f"@{_classes(config['classes'])}" if config.get("classes") else "")
     method = method_label(config["selector"], config)
@@ -84,7 +86,7 @@ def summarize(path: str | Path) -> RunSummary:
         float(updated),
         len(rows),
         test,
-        config.get("su_scheme") if config["selector"] == "su" else None,
+        config.get("su_scheme") if config["selector"] == SU else None,
         _mean_step_ms(rows),
         config.get("backend") or "",
         config.get("cost") or "params",
@@ -93,7 +95,7 @@ def summarize(path: str | Path) -> RunSummary:
 
 def _mean_step_ms(rows: list[dict]) -> float:
     """Epoch 0 is left out where there are later epochs: it pays for warm-up and the first graph build."""
-    steps = [float(r["step_ms"]) for r in (rows[1:] or rows) if r.get("step_ms") not in (None, "")]
+    steps = [float(r[metrics.STEP_MS]) for r in (rows[1:] or rows) if r.get(metrics.STEP_MS) not in (None, "")]
     return float(np.mean(steps)) if steps else float("nan")
 
 
@@ -168,7 +170,7 @@ def results_markdown(runs: list[RunSummary]) -> str:
     su_notes: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in runs:
         cells[(r.budget_label, r.method, r.data)].append(100 * r.test_at_best_val)
-        if r.method == "su":
+        if r.method == SU:
             su_notes[(r.budget_label, r.data)].add(f"{r.data}: scheme {r.scheme or '?'}, {r.budget_ratio:.1%}")
     datas = sorted({r.data for r in runs})
     budgets = sorted({r.budget_label for r in runs if not _unbudgeted(r.method)}, key=_budget_key)
@@ -197,10 +199,11 @@ def results_markdown(runs: list[RunSummary]) -> str:
 
 def comparison_pairs(methods: set[str]) -> list[tuple[str, str]]:
     """velocity vs random, and every other budgeted method (new selectors, variants) vs velocity and vs random."""
-    pairs = [("velocity", "random")] if {"velocity", "random"} <= methods else []
+    bases = (VELOCITY, RANDOM)
+    pairs = [bases] if set(bases) <= methods else []
     for m in sorted(methods, key=_method_key):
-        if m not in ("velocity", "random") and not _unbudgeted(m):
-            pairs += [(m, base) for base in ("velocity", "random") if base in methods]
+        if m not in bases and not _unbudgeted(m):
+            pairs += [(m, base) for base in bases if base in methods]
     return pairs
 
 
@@ -259,7 +262,7 @@ def plot_accuracy(runs: list[RunSummary], path: Path) -> Path:
                 if curves:
                     n = min(len(c) for c in curves)
                     ax.plot(
-                        range(n), 100 * np.mean([c[:n] for c in curves], axis=0), label=method, linestyle="--" if method == "full" else "-"
+                        range(n), 100 * np.mean([c[:n] for c in curves], axis=0), label=method, linestyle="--" if method == FULL else "-"
                     )
             ax.set(title=f"{data}, budget {budget}", xlabel="epoch", ylabel="test top-1 (%)")
             ax.grid(alpha=0.3)
@@ -287,7 +290,7 @@ def plot_accuracy_vs_step(runs: list[RunSummary], path: Path) -> Path:
         ):
             x, y = np.mean([m.step_ms for m in members]), 100 * np.mean([m.test_at_best_val for m in members])
             colour = f"C{_method_key(method)[0]}"
-            face = colour if backend == "specialized" else "none"
+            face = colour if backend == SPECIALIZED else "none"
             ax.scatter(x, y, edgecolors=colour, facecolors=face, marker=COST_MARKERS.get(cost, "o"), s=45, label=method)
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", color="0.3")
         handles, names = ax.get_legend_handles_labels()
@@ -400,7 +403,7 @@ def _draw(runs: list[RunSummary], folder: Path) -> dict[str, str]:
     if any(np.isfinite(r.step_ms) for r in runs):
         names["accuracy vs step"] = plot_accuracy_vs_step(runs, folder / "accuracy-vs-step.png").name
     for r in runs:
-        if r.method == "velocity" and r.seed == min(x.seed for x in runs):
+        if r.method == VELOCITY and r.seed == min(x.seed for x in runs):
             slug = f"{r.data}-{r.budget_label}".replace(":", "_").replace("/", "_").replace("@", "_").replace("%", "pct")
             names[f"heatmap {slug}"] = plot_layer_heatmap(r, folder / f"heatmap-{slug}.png").name
     (folder / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))

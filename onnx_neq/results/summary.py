@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from onnx_neq.manifest import Manifest
+from onnx_neq.training import metrics
 
 
 def table(rows: list[tuple], headers: tuple[str, ...]) -> str:
@@ -65,14 +66,14 @@ def train_summary(result, with_table: bool = True) -> str:
     """The result table of a run (every epoch, unless it was shown live), then the numbers that matter."""
     rows = [
         (
-            int(r["epoch"]),
-            float(r["lr"]),
-            float(r["train_loss"]),
-            float(r["train_top1"]),
-            float(r["val_top1"]),
-            float(r["test_top1"]),
-            int(r["updated_params"]),
-            int(r["selected_neurons"]),
+            int(r[metrics.EPOCH]),
+            float(r[metrics.LR]),
+            float(r[metrics.TRAIN_LOSS]),
+            float(r[metrics.TRAIN_TOP1]),
+            float(r[metrics.VAL_TOP1]),
+            float(r[metrics.TEST_TOP1]),
+            int(r[metrics.UPDATED_PARAMS]),
+            int(r[metrics.SELECTED_NEURONS]),
         )
         for r in result.rows
     ]
@@ -83,7 +84,7 @@ def train_summary(result, with_table: bool = True) -> str:
     lines += [
         f"budget        {b.describe()}",
         f"best val      epoch {result.best_epoch}: val top-1 {result.best_val:.4f}, test top-1 {result.test_at_best_val:.4f}",
-        f"final         test top-1 {float(result.rows[-1]['test_top1']):.4f}" if result.rows else "final         no epoch ran",
+        f"final         test top-1 {float(result.rows[-1][metrics.TEST_TOP1]):.4f}" if result.rows else "final         no epoch ran",
         f"run           {result.run_dir}/ (metrics.csv, masks/, model.onnx = weights of the best val epoch)",
     ]
     lines += [f"warning       {w}" for w in result.warnings]

@@ -10,10 +10,23 @@ import numpy as np
 
 from onnx_neq.errors import NeqError
 from onnx_neq.selection.cost_model import CostModel, parse_amount
-from onnx_neq.selection.registry import SELECTORS
+from onnx_neq.selection.registry import FULL, SELECTORS, SU
 
 DEFAULT_RATIO = 0.308  # the paper's largest MobileNetV2 budget (Sparse Update scheme 5)
-AMOUNT_OPTIONS = {"params": "budget", "compute": "compute_budget", "memory": "memory_budget"}
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """What a run asks for: an amount in the unit of its cost model, or a share of the total, or neither
+    (DEFAULT_RATIO). The flags name the two in messages and in Budget.source; training/config.py builds it
+    from the settings (which also refuses more than one budget option)."""
+
+    selector: str
+    first_epoch: str  # the selection rule of epoch 0 (--init)
+    amount: str | int | None = None  # e.g. 120000 parameters, "120M" MACs, "256KB"
+    amount_flag: str = ""
+    ratio: float | None = None
+    ratio_flag: str = ""
 
 
 @dataclass
@@ -32,20 +45,13 @@ class Budget:
         return f"{self.amount:,} of {self.total:,} {self.unit} ({min(self.ratio, 1):.1%}; {self.source})"
 
 
-def resolve_budget(config, model: CostModel, su_mask: np.ndarray | None) -> Budget:
+def resolve_budget(request: BudgetRequest, model: CostModel, su_mask: np.ndarray | None) -> Budget:
     total, unit = model.total, model.unit
-    given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("budget", "compute_budget", "memory_budget", "budget_ratio")
-        if getattr(config, name) is not None
-    ]
-    if len(given) > 1:
-        raise NeqError(f"give one of {', '.join(given)}, not several")
-    if not SELECTORS[config.selector].budgeted:
-        return Budget(total, total, f"none ({config.selector} has no budget)", unit)
-    amount, source = _requested(config, model.kind, total)
+    if not SELECTORS[request.selector].budgeted:
+        return Budget(total, total, f"none ({request.selector} has no budget)", unit)
+    amount, source = _requested(request, model.kind, total)
     su_cost = model.cost(su_mask) if su_mask is not None else None
-    if config.selector == "su" and source.startswith("default"):
+    if request.selector == SU and request.amount is None and request.ratio is None:
         amount, source = su_cost, "the Sparse Update scheme"
     budget = Budget(amount, total, source, unit)
     cheapest = int((model.per_neuron + model.reach[model.layer_of]).min())
@@ -57,24 +63,23 @@ def resolve_budget(config, model: CostModel, su_mask: np.ndarray | None) -> Budg
         )
     if amount >= total:
         budget.warnings.append(
-            f"budget {amount:,} is at least the {total:,} {unit} of training everything: every neuron trains, as with --selector full"
+            f"budget {amount:,} is at least the {total:,} {unit} of training everything: every neuron trains, as with --selector {FULL}"
         )
-    if config.first_epoch_init == "full" and amount < total:
-        budget.warnings.append("--init full trains every neuron in the first epoch, above the budget")
+    if request.first_epoch == FULL and amount < total:
+        budget.warnings.append(f"--init {FULL} trains every neuron in the first epoch, above the budget")
     return budget
 
 
-def requested_amount(config, model: CostModel) -> int:
+def requested_amount(request: BudgetRequest, model: CostModel) -> int:
     """The budget asked for, before any Sparse Update scheme replaces a default one."""
-    return _requested(config, model.kind, model.total)[0]
+    return _requested(request, model.kind, model.total)[0]
 
 
-def _requested(config, kind: str, total: int) -> tuple[int, str]:
-    option = AMOUNT_OPTIONS[kind]
-    if getattr(config, option) is not None:
-        return parse_amount(getattr(config, option), kind), f"--{option.replace('_', '-')}"
-    if config.budget_ratio is not None:
-        if not 0 < config.budget_ratio:
-            raise NeqError("--budget-ratio must be positive")
-        return int(total * config.budget_ratio), f"--budget-ratio {config.budget_ratio}"
+def _requested(request: BudgetRequest, kind: str, total: int) -> tuple[int, str]:
+    if request.amount is not None:
+        return parse_amount(request.amount, kind), request.amount_flag
+    if request.ratio is not None:
+        if not 0 < request.ratio:
+            raise NeqError(f"{request.ratio_flag} must be positive")
+        return int(total * request.ratio), f"{request.ratio_flag} {request.ratio}"
     return int(total * DEFAULT_RATIO), f"default {DEFAULT_RATIO:.1%} of the total"

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_neq.errors import NeqError
 from onnx_neq.selection.cost_model import CostModel, greedy_fill
 from onnx_neq.selection.gradient import fisher_order, gradnorm_order
 from onnx_neq.selection.selectors import select_full, select_neq, velocity_ranking
 
-# statistics a selector may need; train collects only what the chosen selectors ask for
-VELOCITY, WEIGHT_NORMS, GRADIENT_NORMS, FISHER = "velocity", "weight norms", "gradient norms", "fisher"
+# the selectors' names: spelled here only (--selector, settings.json, compare's methods and the reports use them)
+VELOCITY, RANDOM, SU, FULL, NEQ, GRADNORM, FISHER = "velocity", "random", "su", "full", "neq", "gradnorm", "fisher"
+
+
+class Needs:
+    """Statistics a selector may need; train collects only what the chosen selector asks for."""
+
+    VELOCITY = "velocity"
+    WEIGHT_NORMS = "weight norms"
+    GRADIENT_NORMS = "gradient norms"
+    FISHER = "fisher"
 
 
 @dataclass
@@ -50,7 +58,7 @@ class SelectorSpec:
     budgeted: bool
     needs: tuple[str, ...]
     first_epoch: str | None  # None: the selector runs at epoch 0 too; else the default --init for epoch 0
-    options: tuple[str, ...]  # TrainConfig fields it reads (their --flags)
+    options: tuple[str, ...]  # the settings it reads, by name (training/config.py; tests check each is one)
     summary: str
 
 
@@ -88,34 +96,34 @@ SELECTORS: dict[str, SelectorSpec] = {
     spec.name: spec
     for spec in (
         SelectorSpec(
-            "velocity",
+            VELOCITY,
             _velocity,
             True,
-            (VELOCITY,),
-            "random",
+            (Needs.VELOCITY,),
+            RANDOM,
             ("mu", "recurrence", "phi", "rank_cost", "velocity_images", "backfill"),
             "largest |velocity| per cost first",
         ),
-        SelectorSpec("random", _random, True, (), None, ("backfill",), "a fresh random order every epoch"),
-        SelectorSpec("su", _su, True, (WEIGHT_NORMS,), None, ("su_scheme",), "static Sparse Update scheme (largest weight norms)"),
-        SelectorSpec("full", _full, False, (), None, (), "every neuron, no budget"),
+        SelectorSpec(RANDOM, _random, True, (), None, ("backfill",), "a fresh random order every epoch"),
+        SelectorSpec(SU, _su, True, (Needs.WEIGHT_NORMS,), None, ("su_scheme",), "static Sparse Update scheme (largest weight norms)"),
+        SelectorSpec(FULL, _full, False, (), None, (), "every neuron, no budget"),
         SelectorSpec(
-            "neq", _neq, False, (VELOCITY,), "full", ("eps", "mu", "recurrence", "phi", "velocity_images"), "|velocity| > eps, no budget"
+            NEQ, _neq, False, (Needs.VELOCITY,), FULL, ("eps", "mu", "recurrence", "phi", "velocity_images"), "|velocity| > eps, no budget"
         ),
         SelectorSpec(
-            "gradnorm",
+            GRADNORM,
             _gradnorm,
             True,
-            (GRADIENT_NORMS,),
+            (Needs.GRADIENT_NORMS,),
             None,
             ("probe_batches", "gradnorm_pool", "rank_cost"),
             "channels drawn in proportion to their running weight-gradient norm (MeDyate)",
         ),
         SelectorSpec(
-            "fisher",
+            FISHER,
             _fisher,
             True,
-            (FISHER,),
+            (Needs.FISHER,),
             None,
             ("probe_batches", "rank_cost"),
             "channels drawn in proportion to Fisher potential per cost (TinyTrain)",
@@ -124,36 +132,4 @@ SELECTORS: dict[str, SelectorSpec] = {
 }
 
 RANK_COSTS = ("exact", "authors")  # --rank-cost: what rankings divide by (docs/ALGORITHM.md, "Neurons and costs")
-FIRST_EPOCH_RULES = ("random", "su", "full")  # --init: what a selector with a first-epoch rule does at epoch 0
-
-
-# options that make a variant of a selector (compare's "velocity[phi=flat]", report's method labels) and their defaults
-VARIANTS = {"phi": "spatial", "rank_cost": "exact", "cost": None, "gradnorm_pool": 0}
-
-
-def method_label(selector: str, config: dict) -> str:
-    """`selector`, plus the variant options of `config` that differ from their defaults: velocity[phi=flat]."""
-    spec = SELECTORS.get(selector)
-    changed = [
-        f"{k}={config[k]}"
-        for k, default in VARIANTS.items()
-        if config.get(k) not in (None, default)
-        and (spec is None or k in spec.options or k == "cost")
-        and not (k == "cost" and config[k] == "params")
-    ]
-    return selector + (f"[{','.join(changed)}]" if changed else "")
-
-
-def parse_method(text: str) -> tuple[str, dict]:
-    """'velocity[phi=flat,rank_cost=authors]' -> ('velocity', {'phi': 'flat', 'rank_cost': 'authors'})."""
-    name, _, rest = text.strip().partition("[")
-    if name not in SELECTORS:
-        raise NeqError(f"unknown method {name!r}; choose from {', '.join(SELECTORS)}")
-    options = {}
-    for item in filter(None, rest.rstrip("]").split(",")) if rest else []:
-        key, _, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in VARIANTS or not value:
-            raise NeqError(f"{text!r}: variants are {', '.join(f'{k}=VALUE' for k in VARIANTS)}, e.g. velocity[phi=flat]")
-        options[key] = int(value) if key == "gradnorm_pool" else value.strip()
-    return name, options
+FIRST_EPOCH_RULES = (RANDOM, SU, FULL)  # --init: what a selector with a first-epoch rule does at epoch 0

@@ -14,33 +14,11 @@ import numpy as np
 
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest
-from onnx_neq.selection.budget import DEFAULT_RATIO
 from onnx_neq.selection.cost_model import CostModel
 from onnx_neq.selection.selectors import SU_SCHEMES, select_su
 
 MOBILENET_V2_CONVS = 52
 MAX_SCHEME_BYTES = 1 << 20  # a scheme names at most a few thousand layers
-
-
-def scheme_params(scheme: dict[int, float], manifest: Manifest) -> int:
-    return sum(int(manifest.layers[i].out_channels * r) * manifest.layers[i].neuron_cost for i, r in scheme.items())
-
-
-def load_su_scheme(spec: str | None, manifest: Manifest, budget: int | None, ratio: float | None) -> dict[int, float]:
-    """The scheme named by --su-scheme; without one, the largest built-in scheme within the budget."""
-    if spec is None:
-        check_builtin_schemes(manifest, "the built-in Sparse Update schemes")
-        limit = budget if budget is not None else int(manifest.selectable_params * (ratio if ratio is not None else DEFAULT_RATIO))
-        fitting = [k for k, s in SU_SCHEMES.items() if scheme_params(s, manifest) <= limit]
-        if not fitting:
-            raise NeqError(f"no built-in Sparse Update scheme fits the budget {limit:,}; raise the budget or pass --su-scheme FILE")
-        return SU_SCHEMES[max(fitting, key=lambda k: scheme_params(SU_SCHEMES[k], manifest))]
-    if spec.isdigit():
-        if int(spec) not in SU_SCHEMES:
-            raise NeqError(f"--su-scheme {spec}: built-in schemes are 1-5")
-        check_builtin_schemes(manifest, f"Sparse Update scheme {spec}")
-        return SU_SCHEMES[int(spec)]
-    return _from_file(Path(spec), manifest)
 
 
 def su_selection(spec: str | None, manifest: Manifest, norms: list[np.ndarray], model: CostModel, amount: int | None) -> np.ndarray:
