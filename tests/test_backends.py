@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from support import LIGHT_ZOO
 
 from onnx_neq.backends.base import ORT_TRAINING, PORTABLE, open_backend
 from onnx_neq.graph.prepare import prepare
-
-ZOO = sorted((__import__("pathlib").Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 
 
 def assert_same_step(artifacts, x, y, lr=0.01, masks=None) -> None:
@@ -79,7 +78,7 @@ def test_torchvision_architectures(arch, bn, tmp_path, rng):
     assert_same_step(tmp_path / "art", *_batch(tmp_path / "art", 8, rng))
 
 
-@pytest.mark.parametrize("path", ZOO, ids=lambda p: p.stem[6:])
+@pytest.mark.parametrize("path", LIGHT_ZOO, ids=lambda p: p.stem[6:])
 def test_light_zoo(path, tmp_path, rng):
     """Every model of onnx's light test zoo prepares, and takes the same SGD step on both backends. Their
     weights are placeholders: this tests graph handling, not accuracy."""

@@ -3,13 +3,11 @@ source model's graph and the saved masks, stays within the budget, and the run r
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import pytest
 from onnx import shape_inference
+from support import cli
 
 from onnx_neq.manifest import read_manifest
 from onnx_neq.training.run_dir import RunDir
@@ -70,10 +68,7 @@ def test_memory_budget_from_the_command_line(tiny_artifacts, tmp_path):
     convs = _conv_shapes(tiny_artifacts)
     out = tmp_path / "run"
     args = ["train", str(tiny_artifacts), "--data", "digits", "--classes", "0-4", "--epochs", "2", "--batch-size", "16"]
-    result = subprocess.run(
-        [sys.executable, "-m", "onnx_neq.cli", *args, "--memory-budget", "48KB", "--selector", "random", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = cli(*args, "--memory-budget", "48KB", "--selector", "random", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "49,152 of" in result.stderr and "bytes" in result.stderr
     manifest = read_manifest(tiny_artifacts)
@@ -98,6 +93,6 @@ def test_memory_budget_from_the_command_line(tiny_artifacts, tmp_path):
 )
 def test_bad_cost_options_are_one_line(args, needle, tiny_artifacts, tmp_path):
     full = ["train", str(tiny_artifacts), "--data", "digits", "--classes", "0-4", "--out", str(tmp_path / "run"), *args]
-    result = subprocess.run([sys.executable, "-m", "onnx_neq.cli", *full], capture_output=True, text=True, timeout=300)
+    result = cli(*full)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr

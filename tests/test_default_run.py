@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+
+from support import ROOT, cli
 
 
 def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    result = subprocess.run(
-        [sys.executable, "-m", "onnx_neq.cli", "train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
-    )
+    result = cli("train", cwd=tmp_path, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = list((tmp_path / "runs").iterdir())
     settings = json.loads((run / "settings.json").read_text())
@@ -26,5 +23,5 @@ def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):
     best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_top1"]), -i))
     assert float(rows[best]["test_top1"]) >= 0.90
     assert "test top-1" in result.stdout and (run / "model.onnx").exists()
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert f"{settings['data']['train']:,} training images" in readme  # the README describes this run

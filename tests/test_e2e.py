@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 
 import pytest
+from support import cli
 
 pytestmark = pytest.mark.e2e
 
 
 def _run(*args: str, cwd, env) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "onnx_neq.cli", *args], capture_output=True, text=True, timeout=1200, cwd=cwd, env=env)
+    result = cli(*args, cwd=cwd, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr
     return result
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from support import cli, cli_command
 
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.cli import main
@@ -29,14 +30,6 @@ DIGITS_0_4 = ["--data", "digits", "--classes", "0-4"]
 
 
 pytestmark = pytest.mark.usefixtures("own_cache")  # a cache of its own per test
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "onnx_neq.cli", *args]
-
-
-def _run(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(_cli(*args), capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
 def _one_line(stderr: str) -> str:
@@ -92,7 +85,7 @@ def _interrupted(artifacts, out: Path, at_epoch: int = 3) -> RunDir:
 
 def test_train_without_artifacts_dir_uses_local_artifacts_and_shows_the_budget_first(tiny_artifacts, tmp_path):
     shutil.copytree(tiny_artifacts, tmp_path / "artifacts")
-    result = _run("train", *DIGITS_0_4, "--epochs", "1", "--budget", "100", "--out", "run", cwd=tmp_path)
+    result = cli("train", *DIGITS_0_4, "--epochs", "1", "--budget", "100", "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].startswith("model") and str(tmp_path / "artifacts") in lines[0]
@@ -105,7 +98,7 @@ def test_train_without_artifacts_dir_uses_local_artifacts_and_shows_the_budget_f
 
 def test_a_head_of_another_width_is_replaced_for_the_data(tiny_artifacts, tmp_path):
     """The tiny model has 5 classes; all 10 digits get a fresh 10-class head, said before training."""
-    result = _run("train", str(tiny_artifacts), "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "run"))
+    result = cli("train", str(tiny_artifacts), "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert "fresh 10-class head" in result.stderr
     from onnx_neq.manifest import read_manifest
@@ -115,7 +108,7 @@ def test_a_head_of_another_width_is_replaced_for_the_data(tiny_artifacts, tmp_pa
 
 
 def test_budget_above_the_total_is_said_before_the_first_epoch(tiny_artifacts, tmp_path):
-    result = _run("train", str(tiny_artifacts), *DIGITS_0_4, "--epochs", "1", "--budget", "10000000", "--out", str(tmp_path / "run"))
+    result = cli("train", str(tiny_artifacts), *DIGITS_0_4, "--epochs", "1", "--budget", "10000000", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     warning = next(i for i, line in enumerate(lines) if "every neuron trains" in line)
@@ -182,7 +175,7 @@ def test_bad_data_is_one_line_exit_2_and_no_run(case, needle, tiny_artifacts, tm
         x = _npz(tmp_path / "ok.npz")
         with np.load(x) as z:
             _npz(path, x_train=z["x_train"] * 300)
-    result = _run("train", str(tiny_artifacts), "--data", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"))
+    result = cli("train", str(tiny_artifacts), "--data", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert needle in _one_line(result.stderr) and str(path) in result.stderr
     assert not (tmp_path / "run").exists()
@@ -190,7 +183,7 @@ def test_bad_data_is_one_line_exit_2_and_no_run(case, needle, tiny_artifacts, tm
 
 def test_valid_float_npz_trains(tiny_artifacts, tmp_path):
     path = _npz(tmp_path / "ok.npz")
-    result = _run("train", str(tiny_artifacts), "--data", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"))
+    result = cli("train", str(tiny_artifacts), "--data", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
 
 
@@ -199,13 +192,13 @@ def test_valid_float_npz_trains(tiny_artifacts, tmp_path):
 
 @pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
 def test_learning_rate_must_be_finite_and_positive(lr, tiny_artifacts, tmp_path):
-    result = _run("train", str(tiny_artifacts), *DIGITS_0_4, "--lr", lr, "--out", str(tmp_path / "run"))
+    result = cli("train", str(tiny_artifacts), *DIGITS_0_4, "--lr", lr, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--lr must be a finite number above 0" in _one_line(result.stderr)
     assert not (tmp_path / "run").exists()
 
 
 def test_exploding_loss_stops_the_run_with_exit_3(tiny_artifacts, tmp_path):
-    result = _run(
+    result = cli(
         "train", str(tiny_artifacts), *DIGITS_0_4, "--lr", "10000", "--warmup-epochs", "0", "--epochs", "3", "--out", str(tmp_path / "run")
     )
     assert result.returncode == 3
@@ -232,7 +225,7 @@ def test_divergence_after_good_epochs_keeps_them_and_their_model(tiny_artifacts,
     assert result.exit_code == 3, result.output
     assert "diverged in epoch 2" in result.output and "epochs 0-1 are kept" in result.output
     assert [int(r["epoch"]) for r in RunDir(out).metrics()] == [0, 1]
-    evaluated = _run("eval", str(out), *DIGITS_0_4)
+    evaluated = cli("eval", str(out), *DIGITS_0_4)
     assert evaluated.returncode == 0, evaluated.stderr
 
 
@@ -250,7 +243,7 @@ def test_checkpoint_with_nan_weights_is_not_resumed(tiny_artifacts, straight, tm
     raw = json.loads((run.state_dir / "run_state.json").read_text())
     raw["checkpoints"][-1]["sha256"] = sha256_file(path)
     (run.state_dir / "run_state.json").write_text(json.dumps(raw))
-    result = _run("train", "--out", str(run.path), "--resume")
+    result = cli("train", "--out", str(run.path), "--resume")
     assert result.returncode == 0, result.stderr
     assert "non-finite weights" in result.stderr and "resuming from epoch 1" in result.stderr
     _same_run(straight, run.path, tiny_artifacts)
@@ -262,13 +255,13 @@ def test_checkpoint_with_nan_weights_is_not_resumed(tiny_artifacts, straight, tm
 def test_a_second_writer_is_refused_while_the_first_runs(tiny_artifacts, tmp_path):
     out = tmp_path / "run"
     args = ["train", str(tiny_artifacts), *DIGITS_0_4, "--epochs", "1000", "--batch-size", "4", "--out", str(out)]
-    first = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "metrics.csv").exists():
             time.sleep(0.05)
-        second = _run(*args)
-        resume = _run("train", "--out", str(out), "--resume")
+        second = cli(*args)
+        resume = cli("train", "--out", str(out), "--resume")
         for result in (second, resume):
             assert result.returncode == 2 and "in use by another onnx-neq process" in _one_line(result.stderr)
     finally:
@@ -306,7 +299,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tiny_art
         (run.path / record.file).unlink()
     else:
         (run.path / record.velocity).write_bytes(b"garbage")
-    result = _run("train", "--out", str(run.path), "--resume")
+    result = cli("train", "--out", str(run.path), "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming from epoch 1" in result.stderr and record.file.split("/")[-1] in result.stderr
     _same_run(straight, run.path, tiny_artifacts)
@@ -316,7 +309,7 @@ def test_every_checkpoint_damaged_is_one_line(tiny_artifacts, tmp_path):
     run = _interrupted(tiny_artifacts, tmp_path / "run")
     for record in run.load_state().checkpoints:
         (run.path / record.file).write_bytes(b"")
-    result = _run("train", "--out", str(run.path), "--resume")
+    result = cli("train", "--out", str(run.path), "--resume")
     assert result.returncode == 2 and "no intact checkpoint" in _one_line(result.stderr)
 
 
@@ -324,7 +317,7 @@ def test_every_checkpoint_damaged_is_one_line(tiny_artifacts, tmp_path):
 def test_corrupted_state_files_are_one_line(file, tiny_artifacts, tmp_path):
     run = _interrupted(tiny_artifacts, tmp_path / "run")
     (run.path / file).write_text('{"epoch": 2, "best')
-    result = _run("train", "--out", str(run.path), "--resume")
+    result = cli("train", "--out", str(run.path), "--resume")
     assert result.returncode == 2 and "is corrupted" in _one_line(result.stderr)
 
 
@@ -336,7 +329,7 @@ def test_resume_from_another_directory_with_relative_paths(tiny_artifacts, strai
         _interrupted("art", Path("run"))
     finally:
         os.chdir(Path(__file__).parent)
-    result = _run("train", "--out", str(tmp_path / "work" / "run"), "--resume", cwd=tmp_path / "elsewhere")
+    result = cli("train", "--out", str(tmp_path / "work" / "run"), "--resume", cwd=tmp_path / "elsewhere")
     assert result.returncode == 0, result.stderr
     assert _rows(RunDir(tmp_path / "work" / "run")) == _rows(RunDir(straight))
 
@@ -347,19 +340,19 @@ def test_resume_refuses_artifacts_prepared_again(tiny_onnx, tmp_path):
     prepare(tiny_onnx[0], tmp_path / "art")
     _interrupted(tmp_path / "art", tmp_path / "run")
     prepare(tiny_onnx[0], tmp_path / "art", seed=1, num_classes=5)  # same shapes, another head
-    result = _run("train", "--out", str(tmp_path / "run"), "--resume")
+    result = cli("train", "--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 2 and "changed since" in _one_line(result.stderr)
 
 
 def test_resume_refuses_changed_settings_and_extends_epochs_explicitly(tiny_artifacts, tmp_path):
     run = _interrupted(tiny_artifacts, tmp_path / "run")
-    refused = _run("train", "--out", str(run.path), "--resume", "--epochs", "12", "--lr", "0.5")
+    refused = cli("train", "--out", str(run.path), "--resume", "--epochs", "12", "--lr", "0.5")
     assert refused.returncode == 2
     line = _one_line(refused.stderr)
     assert "--lr 0.5" in line and "--epochs 12" not in line
-    shorter = _run("train", "--out", str(run.path), "--resume", "--epochs", "2")
+    shorter = cli("train", "--out", str(run.path), "--resume", "--epochs", "2")
     assert shorter.returncode == 2 and "fewer than the 3 epochs" in _one_line(shorter.stderr)
-    extended = _run("train", "--out", str(run.path), "--resume", "--epochs", "6")
+    extended = cli("train", "--out", str(run.path), "--resume", "--epochs", "6")
     assert extended.returncode == 0, extended.stderr
     assert "schedule changed from 4 to 6 epochs" in extended.stderr
     assert [int(r["epoch"]) for r in run.metrics()] == list(range(6))
@@ -392,7 +385,7 @@ def test_disk_full_while_checkpointing_is_one_line_leaves_no_temporary_and_resum
     assert "No space left on device" in result.output and f"onnx-neq train --out {out} --resume" in result.output
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.undo()
-    resumed = _run("train", "--out", str(out), "--resume")
+    resumed = cli("train", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _same_run(straight, out, tiny_artifacts)
 
@@ -414,14 +407,14 @@ def test_unwritable_output_is_one_line(tiny_artifacts, tmp_path, monkeypatch):
 
 def test_a_file_where_the_run_directory_should_be(tiny_artifacts, tmp_path):
     (tmp_path / "file").write_text("")
-    result = _run("train", str(tiny_artifacts), *DIGITS_0_4, "--out", str(tmp_path / "file" / "run"))
+    result = cli("train", str(tiny_artifacts), *DIGITS_0_4, "--out", str(tmp_path / "file" / "run"))
     assert result.returncode == 2 and str(tmp_path / "file") in _one_line(result.stderr)
 
 
 def test_ctrl_c_exits_130_with_the_resume_command(tiny_artifacts, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _cli("train", str(tiny_artifacts), *DIGITS_0_4, "--epochs", "1000", "--batch-size", "4", "--out", str(out)),
+        cli_command("train", str(tiny_artifacts), *DIGITS_0_4, "--epochs", "1000", "--batch-size", "4", "--out", str(out)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -453,7 +446,7 @@ def test_error_inside_a_pass_is_the_users_one_line(tmp_path):
         [w],
     )
     onnx.save(model, str(tmp_path / "no_head.onnx"))
-    result = _run("prepare", str(tmp_path / "no_head.onnx"), "-o", str(tmp_path / "art"), "--num-classes", "3")
+    result = cli("prepare", str(tmp_path / "no_head.onnx"), "-o", str(tmp_path / "art"), "--num-classes", "3")
     assert result.returncode == 2 and "no Gemm or MatMul+Add classifier" in _one_line(result.stderr)
     assert not (tmp_path / "art").exists()
 
@@ -486,10 +479,10 @@ def test_num_classes_on_a_paddle_style_classifier(tmp_path, rng):
         opset=11,
     )
     onnx.save(model, str(tmp_path / "paddle.onnx"))
-    result = _run("prepare", str(tmp_path / "paddle.onnx"), "-o", str(tmp_path / "art") + "/", "--num-classes", "5")
+    result = cli("prepare", str(tmp_path / "paddle.onnx"), "-o", str(tmp_path / "art") + "/", "--num-classes", "5")
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path / 'art'}/:" in result.stdout  # one slash, as typed
-    trained = _run("train", str(tmp_path / "art"), *DIGITS_0_4, "--epochs", "1", "--out", str(tmp_path / "run"))
+    trained = cli("train", str(tmp_path / "art"), *DIGITS_0_4, "--epochs", "1", "--out", str(tmp_path / "run"))
     assert trained.returncode == 0, trained.stderr
 
 
@@ -527,7 +520,7 @@ def test_live_rows_count_epochs_like_the_table_and_are_not_printed_twice(monkeyp
 
 
 def test_export_says_the_weights_are_random(tmp_path):
-    result = _run("export", "mobilenet_v2", "--width-mult", "0.35", "--resolution", "32", "-o", str(tmp_path / "m.onnx"))
+    result = cli("export", "mobilenet_v2", "--width-mult", "0.35", "--resolution", "32", "-o", str(tmp_path / "m.onnx"))
     assert result.returncode == 0, result.stderr
     assert "weights are random" in result.stderr
 

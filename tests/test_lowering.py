@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from support import LIGHT_ZOO
 
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.lowering import RULES, lower_training_model
@@ -364,24 +365,11 @@ def test_shipped_model_end_to_end():
     assert report.lowered["ConvGrad"] == 52
 
 
-@pytest.fixture(scope="module")
-def resnet_artifacts(tmp_path_factory):
-    pytest.importorskip("torch")
-    from onnx_neq.export import export
-    from onnx_neq.graph.prepare import prepare
-
-    root = tmp_path_factory.mktemp("r18")
-    export("resnet18", root / "r18.onnx", num_classes=10, resolution=32)
-    prepare(root / "r18.onnx", root / "art")
-    return root / "art"
-
-
-def test_resnet18_train_bn_end_to_end(resnet_artifacts):
-    report = _end_to_end(resnet_artifacts, batches=(8,), rtol=2e-4)
+def test_resnet18_train_bn_end_to_end(resnet18_artifacts):
+    report = _end_to_end(resnet18_artifacts, batches=(8,), rtol=2e-4)
     assert {"BatchNormInternal", "BatchNormalizationGrad", "ReluGrad", "MaxPoolGrad"} <= report.lowered.keys()
 
 
-ZOO = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
 FAST_ZOO = {"light_inception_v1", "light_squeezenet", "light_bvlc_alexnet"}
 
 
@@ -400,7 +388,7 @@ def zoo_artifacts(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("path", [p for p in ZOO if p.stem in FAST_ZOO], ids=lambda p: p.stem[6:])
+@pytest.mark.parametrize("path", [p for p in LIGHT_ZOO if p.stem in FAST_ZOO], ids=lambda p: p.stem[6:])
 def test_zoo_lowers_to_standard_onnx(path, zoo_artifacts):
     lowered, report = lower_training_model(onnx.load(str(zoo_artifacts(path) / "training_model.onnx")))
     _check_portable(lowered)
@@ -408,7 +396,7 @@ def test_zoo_lowers_to_standard_onnx(path, zoo_artifacts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ZOO, ids=lambda p: p.stem[6:])
+@pytest.mark.parametrize("path", LIGHT_ZOO, ids=lambda p: p.stem[6:])
 def test_zoo_end_to_end(path, zoo_artifacts):
     _end_to_end(zoo_artifacts(path), batches=(1,), rtol=1e-3)
 

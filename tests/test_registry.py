@@ -3,11 +3,9 @@ variants parse and label, phi flat against spatial, and the report's paired comp
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from support import cli
 
 from onnx_neq.errors import NeqError
 from onnx_neq.results.plan import method_label, parse_method
@@ -56,7 +54,7 @@ def test_registry_entries_by_hand(rng):
 
 
 def test_train_and_compare_offer_every_registered_selector():
-    result = subprocess.run([sys.executable, "-m", "onnx_neq.cli", "train", "--help"], capture_output=True, text=True, timeout=120)
+    result = cli("train", "--help", timeout=120)
     choices = result.stdout.split("--selector [")[1].split("]")[0].split("|")
     assert choices == list(SELECTORS)
     for name in SELECTORS:

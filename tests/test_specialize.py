@@ -35,17 +35,6 @@ def mobilenet(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def resnet18(tmp_path_factory):
-    from onnx_neq.export import export
-    from onnx_neq.graph.prepare import prepare
-
-    root = tmp_path_factory.mktemp("resnet18")
-    export("resnet18", root / "r18.onnx", None, 10, 32, 1.0, "train")
-    prepare(root / "r18.onnx", root / "art")
-    return root / "art"
-
-
 class Art:
     """An artifacts directory, its parameters, and sessions cached per directory."""
 
@@ -259,8 +248,8 @@ def test_shipped_mobilenet(mobilenet, bn_update):
 
 
 @pytest.mark.parametrize("bn_update", ["always", "selected"])
-def test_resnet18_training_bn(resnet18, bn_update):
-    art = Art(resnet18)
+def test_resnet18_training_bn(resnet18_artifacts, bn_update):
+    art = Art(resnet18_artifacts)
     assert art.manifest.bn_stats  # batch-statistics BatchNorm
     states = mixed_states(art)
     masks = make_masks(art, states, np.random.default_rng(3))

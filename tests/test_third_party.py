@@ -10,17 +10,16 @@ import onnx
 import pytest
 from conftest import onnx_model
 from onnx import TensorProto, helper, numpy_helper
+from support import LIGHT_ZOO
 
 from onnx_neq.backends.ort_training import TrainingSession
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.prepare import prepare
 from onnx_neq.ort_runtime import inference_session
 
-ZOO = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
-
 
 def test_the_zoo_is_there():
-    assert {p.stem[6:] for p in ZOO} >= {
+    assert {p.stem[6:] for p in LIGHT_ZOO} >= {
         "bvlc_alexnet",
         "densenet121",
         "inception_v1",
@@ -199,7 +198,7 @@ def test_num_classes_replaces_matmul_add_and_conv_heads(tmp_path, rng):
     logits = TrainingSession(tmp_path / "mm").eval_logits(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
     assert logits.shape == (2, 9)
 
-    squeezenet = next(p for p in ZOO if p.stem == "light_squeezenet")
+    squeezenet = next(p for p in LIGHT_ZOO if p.stem == "light_squeezenet")
     manifest = prepare(squeezenet, tmp_path / "sq", num_classes=7).manifest
     assert manifest.num_classes == 7 and manifest.classifier_params == 512 * 7 + 7  # conv10: 1x1, 512 -> 7, with bias
     session = TrainingSession(tmp_path / "sq")

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import onnx
 import pytest
+from support import cli_command
 
 from onnx_neq.backends.base import open_backend
 from onnx_neq.backends.ort_training import TrainingSession
@@ -174,10 +175,6 @@ def test_memory_pattern_changes_memory_not_results(backend, tiny_artifacts, tmp_
     _same_run(RunDir(tmp_path / "lean"), RunDir(tmp_path / "pattern"), tiny_artifacts, backend)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "onnx_neq.cli", *args]
-
-
 @pytest.mark.parametrize("backend", [pytest.param("ort-training", marks=pytest.mark.reference), "portable"])
 def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_path):
     """SIGKILL the real command after 3 of its 30 epochs (an epoch is most of the time, so almost
@@ -195,8 +192,8 @@ def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_
         "--backend",
         backend,
     ]
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "straight")), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cli_command(*args, "--out", str(tmp_path / "straight")), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli_command(*args, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
@@ -204,7 +201,9 @@ def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 3 <= len(RunDir(tmp_path / "killed").metrics()) < 30
-    resumed = subprocess.run(_cli("train", "--out", str(tmp_path / "killed"), "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        cli_command("train", "--out", str(tmp_path / "killed"), "--resume"), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "killed"), tiny_artifacts, backend)
 
@@ -244,7 +243,7 @@ def test_bad_input_is_one_line_and_no_run_dir(args, needle, tiny_artifacts, tmp_
     )
     if "--classes" in args and "--data" not in args:
         full += ["--data", "digits"]
-    result = subprocess.run(_cli(*full, *args), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cli_command(*full, *args), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
@@ -254,7 +253,7 @@ def test_bad_input_is_one_line_and_no_run_dir(args, needle, tiny_artifacts, tmp_
 
 def test_budget_above_total_warns_and_trains_everything(tiny_artifacts, tmp_path):
     result = subprocess.run(
-        _cli(
+        cli_command(
             "train",
             str(tiny_artifacts),
             *DIGITS_0_4,
@@ -280,6 +279,6 @@ def test_eval_command_reproduces_the_best_epochs_test_top1(tiny_artifacts, tmp_p
     top-1 with the training session's eval graph. Both must agree for the best validation epoch."""
     result = train(_config(tiny_artifacts, tmp_path / "run", epochs=3))
     expected = float(result.rows[result.best_epoch]["test_top1"])
-    out = subprocess.run(_cli("eval", str(tmp_path / "run"), *DIGITS_0_4), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cli_command("eval", str(tmp_path / "run"), *DIGITS_0_4), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"top-1 {expected:.4f}" in out.stdout and "test images" in out.stdout

@@ -41,3 +41,20 @@ def snapshot(model: ir.Model) -> bytes:
 def floats(n: int, seed: int) -> str:
     """n standard-normal numbers (seeded) as ONNX text."""
     return ", ".join(f"{v:.4f}" for v in np.random.default_rng(seed).standard_normal(n))
+
+
+def batchnorm_feeds(rng) -> dict[str, np.ndarray]:
+    """Inputs of a BatchNormalization x, s(cale), b(ias), m(ean), v(ariance) over 3 channels."""
+    return {
+        "x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32),
+        "s": rng.standard_normal(3).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+        "m": rng.standard_normal(3).astype(np.float32),
+        "v": rng.uniform(0.5, 2, 3).astype(np.float32),
+    }
+
+
+def batchnorm_reference(x, s, b, m, v, eps=1e-3):
+    """Inference-mode BatchNormalization by its formula, in numpy."""
+    shape = (1, -1, 1, 1)
+    return (x - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * s.reshape(shape) + b.reshape(shape)

@@ -4,7 +4,7 @@ function (numpy's BatchNorm formula); training-mode ones and graphs without Batc
 from __future__ import annotations
 
 import numpy as np
-from graph_testing import from_text, run_ort, snapshot
+from graph_testing import batchnorm_feeds, batchnorm_reference, from_text, run_ort, snapshot
 
 from onnx_neq.graph.passes.batchnorm_affine import BatchNormAffinePass
 
@@ -21,29 +21,14 @@ TWO_UNNAMED = """
 """
 
 
-def _feeds(rng) -> dict[str, np.ndarray]:
-    return {
-        "x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32),
-        "s": rng.standard_normal(3).astype(np.float32),
-        "b": rng.standard_normal(3).astype(np.float32),
-        "m": rng.standard_normal(3).astype(np.float32),
-        "v": rng.uniform(0.5, 2, 3).astype(np.float32),
-    }
-
-
-def _reference(x, s, b, m, v, eps=1e-3):
-    shape = (1, -1, 1, 1)
-    return (x - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * s.reshape(shape) + b.reshape(shape)
-
-
 def test_an_inference_batchnorm_becomes_the_same_affine_function(rng):
     model = from_text(BN)
     result = BatchNormAffinePass()(model)
     assert result.modified and len(result.report.rewritten) == 1
     assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     assert [n.op_type for n in model.graph] == ["Add", "Sqrt", "Div", "Reshape", "Sub", "Reshape", "Mul", "Reshape", "Add"]
-    feeds = _feeds(rng)
-    np.testing.assert_allclose(run_ort(model, feeds)[0], _reference(**feeds), rtol=1e-5, atol=1e-6)
+    feeds = batchnorm_feeds(rng)
+    np.testing.assert_allclose(run_ort(model, feeds)[0], batchnorm_reference(**feeds), rtol=1e-5, atol=1e-6)
 
 
 def test_training_mode_and_no_batchnorm_are_untouched():
@@ -64,6 +49,6 @@ def test_one_pass_object_twice_names_unnamed_batchnorms_alike(rng):
     a, b = affine(first), affine(second)
     assert a.report.rewritten == b.report.rewritten == ("bn0", "bn1")  # numbered per call, not per pass object
     assert snapshot(first) == snapshot(second)
-    feeds = _feeds(rng)
-    expected = _reference(_reference(**feeds, eps=1e-5), *(feeds[k] for k in "sbmv"), eps=1e-5)
+    feeds = batchnorm_feeds(rng)
+    expected = batchnorm_reference(batchnorm_reference(**feeds, eps=1e-5), *(feeds[k] for k in "sbmv"), eps=1e-5)
     np.testing.assert_allclose(run_ort(second, feeds)[0], expected, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ statistics are read, is untouched."""
 from __future__ import annotations
 
 import numpy as np
-from graph_testing import from_text, run_ort, snapshot
+from graph_testing import batchnorm_feeds, batchnorm_reference, from_text, run_ort, snapshot
 
 from onnx_neq.graph.passes.batchnorm_inference import BatchNormInferencePass
 
@@ -19,29 +19,14 @@ TRAINING = INFERENCE.replace(
 )
 
 
-def _feeds(rng) -> dict[str, np.ndarray]:
-    return {
-        "x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32),
-        "s": rng.standard_normal(3).astype(np.float32),
-        "b": rng.standard_normal(3).astype(np.float32),
-        "m": rng.standard_normal(3).astype(np.float32),
-        "v": rng.uniform(0.5, 2, 3).astype(np.float32),
-    }
-
-
-def _reference(x, s, b, m, v, eps=1e-3):
-    shape = (1, -1, 1, 1)
-    return (x - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * s.reshape(shape) + b.reshape(shape)
-
-
 def test_training_outputs_nobody_reads_are_dropped(rng):
     model = from_text(TRAINING)
     result = BatchNormInferencePass()(model)
     node = next(iter(model.graph))
     assert result.modified and result.report.changed == 1
     assert len(node.outputs) == 1 and "training_mode" not in node.attributes
-    feeds = _feeds(rng)
-    np.testing.assert_allclose(run_ort(model, feeds)[0], _reference(**feeds), rtol=1e-5, atol=1e-6)
+    feeds = batchnorm_feeds(rng)
+    np.testing.assert_allclose(run_ort(model, feeds)[0], batchnorm_reference(**feeds), rtol=1e-5, atol=1e-6)
 
 
 def test_an_inference_batchnorm_or_read_statistics_are_untouched():
