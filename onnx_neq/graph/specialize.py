@@ -27,7 +27,7 @@ the index feeds.
 `training_graph_from_portable` rebuilds that ORT training graph from portable_training_model.onnx (each
 conv's lowered ConvGrad nodes raised back to one ConvGrad, accumulators around the gradient outputs), so
 the portable backends specialise from the files a board holds; specialising it equals specialising ORT's
-training_model.onnx (tests/test_board_files.py).
+training_model.onnx (tests/backends/test_board_files.py).
 """
 
 from __future__ import annotations

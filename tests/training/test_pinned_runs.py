@@ -15,7 +15,7 @@ from support import cli
 
 pytestmark = [pytest.mark.reference, pytest.mark.usefixtures("own_cache")]
 
-PINNED = Path(__file__).resolve().parent.parent / "data" / "pinned_runs"
+PINNED = Path(__file__).resolve().parent.parent / "fixtures" / "pinned_runs"
 COMMON = ("--epochs", "3", "--train-limit", "400", "--seed", "3", "--threads", "1")
 RUNS = {
     "v_port": ("--backend", "portable", "--selector", "velocity"),
