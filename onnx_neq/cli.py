@@ -348,6 +348,11 @@ def eval_command(model, data, classes, split) -> None:
     click.echo(f"{result.model}: top-1 {result.top1:.4f} on {result.images:,} {split} images of {result.data}")
 
 
+def _list_option(flag: str, param_type: click.ParamType, values, what: str):
+    """A comma-separated list option whose default is `values`."""
+    return click.option(flag, type=param_type, default=",".join(map(str, values)), show_default=True, help=f"Comma-separated {what}.")
+
+
 @main.command("compare")
 @click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -358,27 +363,11 @@ def eval_command(model, data, classes, split) -> None:
     show_default=True,
     help="Data spec (repeat for more columns), e.g. fashion-mnist@5-9.",
 )
-@click.option(
-    "--methods",
-    type=_Methods(),
-    default=",".join(DEFAULT_METHODS),
-    show_default=True,
-    help="Comma-separated selectors, each optionally with variant options: velocity[phi=flat;rank_cost=authors].",
+@_list_option(
+    "--methods", _Methods(), DEFAULT_METHODS, "selectors, each optionally with variant options: velocity[phi=flat;rank_cost=authors]"
 )
-@click.option(
-    "--budget-ratios",
-    type=_Numbers(float, "numbers", "0.1,0.3"),
-    default=",".join(map(str, PAPER_RATIOS)),
-    show_default=True,
-    help="Comma-separated budget fractions.",
-)
-@click.option(
-    "--seeds",
-    type=_Numbers(int, "integers", "0,42,100"),
-    default=",".join(map(str, DEFAULT_SEEDS)),
-    show_default=True,
-    help="Comma-separated seeds.",
-)
+@_list_option("--budget-ratios", _Numbers(float, "numbers", "0.1,0.3"), PAPER_RATIOS, "budget fractions")
+@_list_option("--seeds", _Numbers(int, "integers", "0,42,100"), DEFAULT_SEEDS, "seeds")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for runs/ and report/.")
 @_settings_options(RECIPE)
 def compare_command(artifacts_dir, datas, methods, budget_ratios, seeds, out, **train_options) -> None:
