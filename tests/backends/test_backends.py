@@ -78,7 +78,13 @@ def test_torchvision_architectures(arch, bn, tmp_path, rng):
     assert_same_step(tmp_path / "art", *_batch(tmp_path / "art", 8, rng))
 
 
-@pytest.mark.parametrize("path", LIGHT_ZOO, ids=lambda p: p.stem[6:])
+# the largest models of the zoo take 10-50 s each: they run with the whole-command tests (-m e2e), in CI
+LARGE_ZOO = {"light_vgg19", "light_zfnet512", "light_densenet121", "light_inception_v2", "light_resnet50", "light_bvlc_alexnet"}
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=pytest.mark.e2e) if p.stem in LARGE_ZOO else p for p in LIGHT_ZOO], ids=lambda p: p.stem[6:]
+)
 def test_light_zoo(path, tmp_path, rng):
     """Every model of onnx's light test zoo prepares, and takes the same SGD step on both backends. Their
     weights are placeholders: this tests graph handling, not accuracy."""

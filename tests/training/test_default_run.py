@@ -6,7 +6,10 @@ import csv
 import json
 import os
 
+import pytest
 from support import ROOT, cli
+
+pytestmark = pytest.mark.e2e  # 30 epochs: minutes
 
 
 def test_no_argument_train_reaches_90_percent_on_digits(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import cli
 
-pytestmark = [pytest.mark.reference, pytest.mark.usefixtures("own_cache")]
+pytestmark = [pytest.mark.e2e, pytest.mark.reference, pytest.mark.usefixtures("own_cache")]  # about 20 s a run
 
 PINNED = Path(__file__).resolve().parent.parent / "fixtures" / "pinned_runs"
 COMMON = ("--epochs", "3", "--train-limit", "400", "--seed", "3", "--threads", "1")
