@@ -46,7 +46,16 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_neq.errors import NeqError
-from onnx_neq.graph.lowering import ACCUMULATOR, BUFFER_SUFFIX, live_nodes, lower_graph, refuse_unknown, static_shapes
+from onnx_neq.graph.lowering import (
+    ACCUMULATOR,
+    BUFFER_SUFFIX,
+    accumulated_param,
+    is_accumulator,
+    live_nodes,
+    lower_graph,
+    refuse_unknown,
+    static_shapes,
+)
 from onnx_neq.graph.lowering.conv_grad import lower_conv_grad
 from onnx_neq.graph.lowering.rules import Rule
 from onnx_neq.manifest import Layer, Manifest, artifact_model
@@ -95,6 +104,11 @@ class SpecializeReport:
 
 
 CHANNELS_SUFFIX = ".neq_channels"  # the int64 input of the selected channels of a partly selected layer
+
+
+def _count_dim(channels_input: str) -> str:
+    """The symbolic dim of a `<layer>.neq_channels` input: its number of channels, `<layer>.k`."""
+    return channels_input[: -len(CHANNELS_SUFFIX)] + ".k"
 
 
 def channels_input_name(layer: Layer) -> str:
@@ -256,7 +270,7 @@ def _rewrite_accumulators(graph: onnx.GraphProto, accumulators, plan: _Plan, pro
 
 def _set_inputs(graph: onnx.GraphProto, manifest: Manifest, channel_names: list[str], dropped_buffers: set[str]) -> None:
     """Inputs without the masks and dropped buffers; the `<layer>.neq_channels` inputs after the data inputs."""
-    new_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [name.replace(".neq_channels", ".k")]) for name in channel_names]
+    new_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [_count_dim(name)]) for name in channel_names]
     masks = {layer.mask_input for layer in manifest.layers}
     inputs = [i for i in graph.input if i.name not in masks and i.name not in dropped_buffers]
     position = max((n for n, i in enumerate(inputs) if i.name in (manifest.input.name, manifest.label_input)), default=-1) + 1
@@ -336,10 +350,8 @@ def _accumulators(graph: onnx.GraphProto) -> dict[str, tuple[int, onnx.NodeProto
     """param -> (index, its InPlaceAccumulatorV2 node)."""
     out = {}
     for i, node in enumerate(graph.node):
-        if node.op_type == ACCUMULATOR and node.domain == MS:
-            buffer = node.input[0]
-            param = buffer[: -len(BUFFER_SUFFIX)] if buffer.endswith(BUFFER_SUFFIX) else buffer
-            out[param] = (i, node)
+        if is_accumulator(node):
+            out[accumulated_param(node)] = (i, node)
     return out
 
 
@@ -471,13 +483,13 @@ def _set_selected_shapes(model: onnx.ModelProto, plan, layers, specs) -> None:
         spec = specs[name]
         if spec.state != "some":
             continue
-        k = spec.channels_input.replace(".neq_channels", ".k")
+        k = _count_dim(spec.channels_input)
         for p in (layer.weight, layer.bias):
             if p:
                 k_of[f"{p}_grad"] = k
     for p, action in plan.items():
         if isinstance(action, tuple):
-            k_of[f"{p}_grad"] = action[1].replace(".neq_channels", ".k")
+            k_of[f"{p}_grad"] = _count_dim(action[1])
     for out in model.graph.output:
         if out.name in k_of:
             dim = out.type.tensor_type.shape.dim[0]

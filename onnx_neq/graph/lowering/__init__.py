@@ -2,7 +2,7 @@
 
 The public surface other graph modules use (specialize.py, gradients/builder.py): `lower_training_model`
 (a whole ORT training graph), `lower_graph` (its steps on a graph already rewritten, with per-node rule
-overrides), `refuse_unknown`, `static_shapes`, `live_nodes`, `NameSource`, `is_standard`, the registry
+overrides), `refuse_unknown`, `static_shapes`, `is_accumulator`, `accumulated_param`, `live_nodes`, `NameSource`, `is_standard`, the registry
 `RULES`, and the constants ACCUMULATOR, BUFFER_SUFFIX, OPSET and IR_VERSION.
 """
 
@@ -13,6 +13,8 @@ from onnx_neq.graph.lowering.lower import (
     OPSET,
     LoweringReport,
     NameSource,
+    accumulated_param,
+    is_accumulator,
     is_standard,
     live_nodes,
     lower_graph,
@@ -30,6 +32,8 @@ __all__ = [
     "RULES",
     "LoweringReport",
     "NameSource",
+    "accumulated_param",
+    "is_accumulator",
     "is_standard",
     "live_nodes",
     "lower_graph",

@@ -148,6 +148,17 @@ class NameSource:
         return name
 
 
+def is_accumulator(node: onnx.NodeProto) -> bool:
+    """ORT's gradient accumulator (InPlaceAccumulatorV2), which training graphs end each gradient with."""
+    return node.op_type == ACCUMULATOR and node.domain == "com.microsoft"
+
+
+def accumulated_param(node: onnx.NodeProto) -> str:
+    """The parameter whose gradient an accumulator node sums: its buffer's name without BUFFER_SUFFIX."""
+    buffer = node.input[0]
+    return buffer[: -len(BUFFER_SUFFIX)] if buffer.endswith(BUFFER_SUFFIX) else buffer
+
+
 def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]:
     """name -> (elem_type, dims) from the model's own value_info (ORT writes it) and ONNX shape inference."""
     shapes: dict[str, tuple[int, list | None]] = {}
@@ -181,9 +192,9 @@ def _take_accumulators(graph: onnx.GraphProto, names: NameSource, report: Loweri
     dropped: set[str] = set()
     kept = []
     for node in graph.node:
-        if node.op_type == ACCUMULATOR and node.domain == "com.microsoft":
+        if is_accumulator(node):
             buffer, grad = node.input[0], node.input[1]
-            param = buffer[: -len(BUFFER_SUFFIX)] if buffer.endswith(BUFFER_SUFFIX) else buffer
+            param = accumulated_param(node)
             grads[node.output[0]] = (grad, param, buffer)
             dropped.add(buffer)
             if len(node.input) > 2 and node.input[2]:
