@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnx_neq.errors import NeqError, environment_error
-from onnx_neq.results.plan import CompareConfig, PlannedRun, plan
+from onnx_neq.results.plan import CompareConfig, plan
 from onnx_neq.results.report import write_report
 from onnx_neq.training.run_dir import RunDir
 from onnx_neq.training.run_lock import RunLock
 from onnx_neq.training.train import train
 
-__all__ = ["CompareConfig", "PlannedRun", "compare", "plan"]
+__all__ = ["CompareConfig", "compare", "plan"]
 
 
 def compare(

@@ -309,9 +309,9 @@ def plot_layer_heatmap(run: RunSummary, path: Path) -> Path:
     plt = _pyplot()
     rd = RunDir(run.path)
     epochs = sorted(int(p.stem.split("_")[1]) for p in rd.masks.glob("epoch_*.npz"))
-    first = rd.load_masks(epochs[0])
-    names = list(first)
-    grid = np.array([[rd.load_masks(e)[n].mean() for e in epochs] for n in names])
+    masks = [rd.load_masks(e) for e in epochs]
+    names = list(masks[0])
+    grid = np.array([[m[n].mean() for m in masks] for n in names])
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(epochs) + 3), max(4, 0.12 * len(names) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ax.set(

@@ -31,6 +31,9 @@ class Needs:
     FISHER = "fisher"
 
 
+PROBED = {Needs.GRADIENT_NORMS, Needs.FISHER}  # statistics measured by the gradient probe, on probe batches
+
+
 @dataclass
 class SelectionInputs:
     epoch: int

@@ -248,9 +248,12 @@ class TrainingLoop:
             export_model(self.config, self.manifest, self.run_dir.path / self.state.best_checkpoint, self.run_dir.path / "model.onnx")
 
 
-def shuffled_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """An epoch's batches of indices into `size` training images, in the order of (seed, epoch)."""
-    order = np.random.default_rng([seed, epoch, 2]).permutation(size)
+TRAINING_STREAM, PROBE_STREAM = 2, 4  # the random streams of an epoch's training and probe batches
+
+
+def shuffled_batches(size: int, batch_size: int, seed: int, epoch: int, stream: int = TRAINING_STREAM) -> list[np.ndarray]:
+    """An epoch's batches of indices into `size` training images, in the order of (seed, epoch, stream)."""
+    order = np.random.default_rng([seed, epoch, stream]).permutation(size)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [b for b in batches if len(b) >= 2]  # a batch of one breaks batch-statistics BatchNorm
 

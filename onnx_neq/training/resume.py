@@ -46,8 +46,8 @@ def apply_overrides(run: RunDir, config: TrainConfig, overrides: dict) -> list[s
             f"schedule changed from {config.epochs} to {changed['epochs']} epochs: the learning rate of epochs {done} on follows the new length"
         )
         config.epochs = changed["epochs"]
-    config.threads = overrides.get("threads", config.threads)
-    config.memory_pattern = overrides.get("memory_pattern", config.memory_pattern)
+    for name in sorted(RESUMABLE_CHANGES - {"epochs"}):  # epochs: checked above
+        setattr(config, name, overrides.get(name, getattr(config, name)))
     return notes
 
 

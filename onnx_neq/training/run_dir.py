@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from onnx_neq.errors import NeqError
-from onnx_neq.training.checkpoints import CheckpointRecord, Checkpoints, RunState
+from onnx_neq.training.checkpoints import Checkpoints, RunState
 from onnx_neq.training.files import atomic_write_bytes, read_run_json, remove, sha256_file
-from onnx_neq.training.metrics import COLUMNS, EPOCH, MetricsFile, best_upto
+from onnx_neq.training.metrics import EPOCH, MetricsFile
 from onnx_neq.training.run_lock import LOCK_NAME
 
-__all__ = ["COLUMNS", "CheckpointRecord", "RunDir", "RunState", "atomic_write_bytes", "best_upto", "sha256_file"]
+__all__ = ["RunDir", "RunState", "sha256_file"]
 
 
 class RunDir:

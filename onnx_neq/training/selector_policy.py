@@ -16,16 +16,15 @@ import numpy as np
 from onnx_neq.manifest import Manifest
 from onnx_neq.selection.cost_model import CostModel
 from onnx_neq.selection.gradient import RunningNorm
-from onnx_neq.selection.registry import SELECTORS, Needs, SelectionInputs
+from onnx_neq.selection.registry import PROBED, SELECTORS, Needs, SelectionInputs
 from onnx_neq.selection.velocity import VelocityState, layer_phi
 from onnx_neq.training import metrics
 from onnx_neq.training.config import TrainConfig
-from onnx_neq.training.loop import Policy, TrainingLoop
+from onnx_neq.training.loop import PROBE_STREAM, Policy, TrainingLoop, shuffled_batches
 from onnx_neq.training.run_dir import RunDir
 from onnx_neq.training.setup import Selection, prep
 
 GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the velocity buffers
-PROBED = {Needs.GRADIENT_NORMS, Needs.FISHER}  # statistics measured on probe batches
 
 
 class SelectorPolicy(Policy):
@@ -110,9 +109,8 @@ class SelectorPolicy(Policy):
         if not (Needs.FISHER in self.statistics or (Needs.GRADIENT_NORMS in self.statistics and epoch > 0)):
             return None, 0.0
         start, c, train = time.perf_counter(), self.config, self.loop.data.train
-        order = np.random.default_rng([c.seed, epoch, 4]).permutation(len(train))
-        chunks = [order[i * c.batch_size : (i + 1) * c.batch_size] for i in range(c.probe_batches)]
-        batches = [(prep(self.manifest, train.images[b]), train.labels[b]) for b in chunks if len(b) >= 2]
+        chunks = shuffled_batches(len(train), c.batch_size, c.seed, epoch, PROBE_STREAM)[: c.probe_batches]
+        batches = [(prep(self.manifest, train.images[b]), train.labels[b]) for b in chunks]
         stats = self.gradient_probe.measure_batches(self.loop.session.parameters(), batches)
         self.norms.update(stats.grad_norm)
         return stats.fisher, time.perf_counter() - start

@@ -15,7 +15,7 @@ from onnx_neq.manifest import Manifest, artifacts_fingerprint
 from onnx_neq.selection.budget import Budget, requested_amount, resolve_budget
 from onnx_neq.selection.cost_model import KINDS as COST_KINDS
 from onnx_neq.selection.cost_model import CostModel, cost_model
-from onnx_neq.selection.registry import SELECTORS, SU, Needs
+from onnx_neq.selection.registry import PROBED, SELECTORS, SU, Needs
 from onnx_neq.selection.schemes import su_selection
 from onnx_neq.training.config import TrainConfig
 
@@ -109,7 +109,7 @@ def initial_parameters(artifacts: str | Path, manifest: Manifest, names: list[st
 def run_settings(config: TrainConfig, manifest: Manifest, data: RunData, budget: Budget) -> dict:
     """The run's settings; reads every artifact file the run needs (its fingerprint), so one that is missing
     or unreadable stops the run here, before its first epoch."""
-    probe = ("portable_training_model",) if set(SELECTORS[config.selector].needs) & {Needs.GRADIENT_NORMS, Needs.FISHER} else ()
+    probe = ("portable_training_model",) if set(SELECTORS[config.selector].needs) & PROBED else ()
     files = backend_files(config.backend, manifest, probe)
     return {
         "config": asdict(config),
