@@ -149,6 +149,33 @@ def specialize(
     """The standard-ONNX training model of ORT training graph `training_model` (masks applied by prepare)
     specialised to `states` (layer -> none|some|all), and a report. See the module docstring."""
     started = time.perf_counter()
+    cut = _cut(training_model, manifest, states, bn_update)
+    model, _ = lower_graph(
+        cut.graph,
+        cut.shapes,
+        cut.keep_outputs,
+        _channels_rule(cut.plan.conv_options),
+        graph_name="specialised_training",
+        producer_name="onnx-neq specialize",
+    )
+    report = _report(model, cut.layers, states, bn_update, cut.plan, cut.other_macs)
+    report.build_seconds = time.perf_counter() - started
+    return model, report
+
+
+@dataclass
+class _Cut:
+    """The training graph cut to a selection's states, before lowering, with its MACs counted."""
+
+    graph: onnx.GraphProto
+    shapes: dict
+    keep_outputs: list[str]
+    layers: dict
+    plan: _Plan
+    other_macs: int
+
+
+def _cut(training_model: onnx.ModelProto, manifest: Manifest, states: dict[str, str], bn_update: str) -> _Cut:
     layers = _checked_layers(manifest, states, bn_update)
     graph = onnx.GraphProto()
     graph.CopyFrom(training_model.graph)
@@ -163,17 +190,33 @@ def specialize(
     _set_inputs(graph, manifest, plan.channel_names, rewrite.dropped_buffers)
     head = _prune(graph, accumulators, rewrite, keep_outputs)
     other_macs = _count_macs(list(graph.node), head, keep_outputs, shapes, layers, plan)
-    model, _ = lower_graph(
-        graph,
-        shapes,
-        keep_outputs,
-        _channels_rule(plan.conv_options),
-        graph_name="specialised_training",
-        producer_name="onnx-neq specialize",
-    )
-    report = _report(model, layers, states, bn_update, plan, other_macs)
-    report.build_seconds = time.perf_counter() - started
-    return model, report
+    return _Cut(graph, shapes, keep_outputs, layers, plan, other_macs)
+
+
+class BackwardCount:
+    """Backward MACs per image of any selection, counted as SpecializeReport.backward_macs counts the graph the
+    specialised backend builds for it (dX below the shallowest trained layer cut, dW of the selected channels
+    only), without lowering the graph or opening a session: one count per tuple of layer states."""
+
+    def __init__(self, training_model: onnx.ModelProto, manifest: Manifest, bn_update: str = "always"):
+        self.model, self.manifest, self.bn_update = training_model, manifest, bn_update
+        self._counts: dict[tuple[str, ...], tuple[dict[str, LayerSpec], int]] = {}
+        self.full = self.macs({layer.name: np.ones(layer.out_channels) for layer in manifest.layers})
+
+    def macs(self, masks: dict[str, np.ndarray]) -> int:
+        """Backward MACs per image of a step that trains the channels of `masks` (layer -> 0/1 per channel)."""
+        states = layer_states(self.manifest, masks)
+        key = tuple(states[layer.name] for layer in self.manifest.layers)
+        if key not in self._counts:
+            cut = _cut(self.model, self.manifest, states, self.bn_update)
+            self._counts[key] = (cut.plan.specs, cut.other_macs)
+        specs, other = self._counts[key]
+        report = SpecializeReport(states, self.bn_update, specs, [], [], 0, other)
+        return report.backward_macs({name: int(np.count_nonzero(masks[name])) for name, state in states.items() if state == "some"})
+
+    def saved(self, masks: dict[str, np.ndarray]) -> float:
+        """1 - macs(masks) / the MACs of full backpropagation."""
+        return 1.0 - self.macs(masks) / self.full if self.full else 0.0
 
 
 @dataclass

@@ -54,6 +54,9 @@ COST_PARAMS = Column("cost_params", "", "selectable parameters (updated_params, 
 COST_MACS = Column("cost_macs", "", "backward MACs per image")
 COST_BYTES = Column("cost_bytes", "", "training memory in bytes at the run's batch size")
 PROBE_SECONDS = Column("probe_seconds", ".3f", "gradient statistics for gradnorm / fisher (probe batches)", timing=True)
+FLOPS_SAVED = Column(
+    "flops_saved", ".4f", "1 - backward MACs of the epoch's selection / of full backpropagation (scotti: the mean over its steps)"
+)
 
 COLUMNS: tuple[Column, ...] = (
     EPOCH,
@@ -75,6 +78,7 @@ COLUMNS: tuple[Column, ...] = (
     COST_MACS,
     COST_BYTES,
     PROBE_SECONDS,
+    FLOPS_SAVED,
 )
 TIMING = frozenset(c for c in COLUMNS if c.timing)  # what differs between two runs of the same settings
 SPENT = {"params": UPDATED_PARAMS, "compute": COST_MACS, "memory": COST_BYTES}  # a selection's cost, per --cost

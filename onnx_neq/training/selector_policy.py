@@ -47,6 +47,7 @@ class SelectorPolicy(Policy):
         norms = {k[len(GRADNORM_PREFIX) :]: v for k, v in saved.items() if k.startswith(GRADNORM_PREFIX)}
         self.norms = RunningNorm.from_arrays(norms) if norms else RunningNorm(self.manifest.neurons)
         self.taps = self._taps()  # epoch -1 (pretrained), or the end of the last finished epoch
+        self.count = backward_count(self.config, self.manifest) if "compute" in self.models else None
 
     def before_epoch(self, epoch: int) -> np.ndarray:
         fisher, self.probe_seconds = self._probe(epoch)
@@ -72,6 +73,7 @@ class SelectorPolicy(Policy):
             metrics.COST_MACS: self.models["compute"].cost(selected) if "compute" in self.models else "",
             metrics.COST_BYTES: self.models["memory"].cost(selected) if "memory" in self.models else "",
             metrics.PROBE_SECONDS: self.probe_seconds,
+            metrics.FLOPS_SAVED: self.count.saved(self.loop.masks) if self.count else "",
         }
 
     def save(self, run: RunDir, epoch: int) -> None:
@@ -128,6 +130,13 @@ def rank_costs(model: CostModel, manifest: Manifest, rank_cost: str) -> np.ndarr
         [layer.groups if layer.kind == "depthwise" else 1 for layer in manifest.layers], [layer.out_channels for layer in manifest.layers]
     )
     return model.per_neuron * factor.astype(np.float64)
+
+
+def backward_count(config: TrainConfig, manifest: Manifest):
+    """The backward MACs of a selection, as the specialised backend counts them (graph/specialize.py); for flops_saved."""
+    from onnx_neq.graph.specialize import BackwardCount, load_training_graph
+
+    return BackwardCount(load_training_graph(config.artifacts, manifest, "portable_training_model"), manifest, config.bn_update)
 
 
 def _gradient_probe(config: TrainConfig):
