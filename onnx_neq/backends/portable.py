@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnx_neq.backends.base import checked_masks, f32, updated_running_statistics
+from onnx_neq.backends.base import Grads, UpdateRule, checked_masks, f32, rule_step, updated_running_statistics
 from onnx_neq.backends.host_optim import optimizer_for_manifest
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
@@ -49,6 +49,8 @@ class PortableBackend:
         self.layers = {layer.name: layer for layer in self.manifest.layers}
         self.masks = {name: np.ones(layer.out_channels, np.float32) for name, layer in self.layers.items()}
         self.param_masks = _parameter_masks(self.layers, self.masks)
+        self.rule: UpdateRule | None = None
+        self.recomputed = 0  # steps whose gradients an update rule's wider masks made compute again
         self._prepare_bindings()
 
     # bindings ------------------------------------------------------------------------------
@@ -83,12 +85,45 @@ class PortableBackend:
 
     # steps -------------------------------------------------------------------------------
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        """One optimizer step on a batch; returns (loss, logits)."""
-        outputs = self.training.run(images, labels, self.masks)
+        """One optimizer step on a batch (with an update rule installed: the rule's step; `lr` unused); returns (loss, logits)."""
+        outputs = self._forward_backward(images, labels)
+        if self.rule is None:
+            self._optimizer_step(lr)
+        else:
+            outputs = rule_step(self, self.rule, images, labels, outputs)
+        loss, logits, statistics = self._outputs(outputs)
         if self.manifest.bn_stats:
-            self._update_running_statistics(outputs[2:], len(images))
+            self._update_running_statistics(statistics, len(images))
+        return loss, logits
+
+    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+        """Loss, logits and BatchNorm statistics; the gradients land in self.grads."""
+        return self.training.run(images, labels, self.masks)
+
+    @staticmethod
+    def _outputs(outputs: list[np.ndarray]) -> tuple[float, np.ndarray, list[np.ndarray]]:
+        return float(outputs[0]), outputs[1], outputs[2:]
+
+    def _optimizer_step(self, lr: float) -> None:
         self.optimizer.step({p: self.params[p] for p in self.trainable}, self.grads, lr, self.param_masks)
-        return float(outputs[0]), outputs[1]
+
+    def gradients(self) -> Grads:
+        """The last step's gradients, each (values, rows): every row (masked channels hold 0)."""
+        return {p: (self.grads[p], None) for p in self.trainable}
+
+    def set_update_rule(self, rule: UpdateRule) -> None:
+        """Hand every update from now on to `rule` (SCoTTi), bound to the channel parameters of each layer."""
+        sizes = {layer.name: layer.out_channels for layer in self.layers.values()}
+        rule.bind(self.channel_parameters(), self.freeze_scaled_parameters(), sizes)
+        self.rule = rule
+
+    def freeze_scaled_parameters(self) -> set[str]:
+        """The parameters whose update a straight-through freeze scales (SCoTTi): the conv weights."""
+        return {layer.weight for layer in self.layers.values()}
+
+    def channel_parameters(self) -> dict[str, str]:
+        """Each parameter whose rows freeze with a layer's channels -> the layer."""
+        return {param: name for name, layer in self.layers.items() for param in filter(None, (layer.weight, layer.bias))}
 
     def _update_running_statistics(self, outputs: list[np.ndarray], batch: int) -> None:
         for name, value in updated_running_statistics(self.manifest, outputs, batch, self.params.__getitem__):

@@ -12,7 +12,8 @@ The graph it specialises is rebuilt from portable_training_model.onnx (training_
 so it reads the same four artifact files as the portable backend: manifest.json,
 portable_training_model.onnx, eval_model.onnx and parameters.npz (what a board holds).
 
-SGD only (the paper's recipe): with SGD a step over the selected rows is the masked step exactly.
+SGD only (the paper's recipe): with SGD a step over the selected rows is the masked step exactly. An update
+rule (set_update_rule: SCoTTi's momentum SGD) receives the selected rows' gradients with their row indices.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import PORTABLE, SPECIALIZED, f32
+from onnx_neq.backends.base import PORTABLE, SPECIALIZED, Grads, f32
 from onnx_neq.backends.portable import PortableBackend
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.specialize import channel_inputs, layer_states, load_training_graph, specialize
@@ -79,17 +80,34 @@ class SpecializedBackend(PortableBackend):
         spec = self.report.layers[name]
         return [p for p in (layer.weight, layer.bias) if p] + (list(spec.bn_params) if self.bn_update == "selected" else [])
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the selection's graph by name (its gradients: the selected rows only)."""
         feeds = {self.manifest.input.name: f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
         feeds.update({name: value for name, value in self.params.items() if name in self.inputs})
-        values = dict(zip(self.outputs, self.session.run(None, feeds)))
-        if self.manifest.bn_stats:
-            self._update_running_statistics([values[n] for n in self.stat_outputs], len(images))
+        self._values = dict(zip(self.outputs, self.session.run(None, feeds)))
+        return self._values
+
+    def _outputs(self, values: dict[str, np.ndarray]) -> tuple[float, np.ndarray, list[np.ndarray]]:
+        m = self.manifest
+        return float(values[m.loss_output]), values[m.logits_output], [values[n] for n in self.stat_outputs]
+
+    def _optimizer_step(self, lr: float) -> None:
         lr32 = np.float32(lr)
-        for name in self.outputs:
-            if name.endswith("_grad"):
-                self._sgd(name[: -len("_grad")], values[name], lr32)
-        return float(values[self.manifest.loss_output]), values[self.manifest.logits_output]
+        for param, (grad, _rows) in self.gradients().items():
+            self._sgd(param, grad, lr32)
+
+    def gradients(self) -> Grads:
+        """The last step's gradients, each (values, rows): a partly selected layer's hold its selected rows."""
+        return {n[: -len("_grad")]: (v, self.rows.get(n[: -len("_grad")])) for n, v in self._values.items() if n.endswith("_grad")}
+
+    def freeze_scaled_parameters(self) -> set[str]:
+        """The conv weights, and with --bn-update selected the BatchNorm scales (as the authors' code scales BN weights)."""
+        scales = {spec.bn_params[0] for spec in self.report.layers.values() if spec.bn_params} if self.bn_update == "selected" else set()
+        return super().freeze_scaled_parameters() | scales
+
+    def channel_parameters(self) -> dict[str, str]:
+        """Each parameter whose rows freeze with a layer's channels -> the layer (BatchNorm's too with --bn-update selected)."""
+        return {param: name for name in self.layers for param in self._layer_params(name)}
 
     def _sgd(self, param: str, grad: np.ndarray, lr: np.float32) -> None:
         """w = w + (-lr * g), ORT's SGD kernel, on the selected rows only."""
