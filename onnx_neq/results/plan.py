@@ -92,7 +92,7 @@ def su_scheme_near(config: TrainConfig, manifest: Manifest, ratio: float) -> int
 
 # settings that make a variant of a selector, in label order: a selector's own options (its registry entry
 # lists them), and run-wide ones that make a variant of every selector
-VARIANTS = ("phi", "rank_cost", "cost", "gradnorm_pool")
+VARIANTS = ("phi", "rank_cost", "cost", "gradnorm_pool", "eps", "hyper_lr", "eps_hyper_lr", "momentum", "weight_decay")
 RUN_WIDE = {"cost": "params"}  # and the value that means the same as not giving it
 
 
@@ -102,9 +102,18 @@ def method_label(selector: str, config: dict) -> str:
     changed = [
         f"{k}={config[k]}"
         for k in VARIANTS
-        if config.get(k) not in (None, BY_NAME[k].default, RUN_WIDE.get(k)) and (spec is None or k in spec.options or k in RUN_WIDE)
+        if config.get(k) not in (None, BY_NAME[k].default, RUN_WIDE.get(k), spec and spec.defaults.get(k))
+        and (spec is None or k in spec.options or k in RUN_WIDE)
     ]
     return selector + (f"[{','.join(changed)}]" if changed else "")
+
+
+def _value(key: str, value: str, text: str) -> int | float | str:
+    kind = BY_NAME[key].kind
+    try:
+        return kind(value) if kind in (int, float) else value.strip()
+    except ValueError:
+        raise NeqError(f"{text!r}: {key} must be a number, not {value!r}") from None
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -118,5 +127,5 @@ def parse_method(text: str) -> tuple[str, dict]:
         key = key.strip().replace("-", "_")
         if key not in VARIANTS or not value:
             raise NeqError(f"{text!r}: variants are {', '.join(f'{k}=VALUE' for k in VARIANTS)}, e.g. velocity[phi=flat]")
-        options[key] = BY_NAME[key].kind(value) if BY_NAME[key].kind is int else value.strip()
+        options[key] = _value(key, value, text)
     return name, options

@@ -28,6 +28,7 @@ from onnx_neq.results.plan import method_label
 from onnx_neq.selection.registry import FULL, RANDOM, SELECTORS, SU, VELOCITY
 from onnx_neq.training import metrics
 from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.scotti_policy import HYPER_FILE, read_hyper
 
 
 @dataclass
@@ -328,6 +329,28 @@ def plot_layer_heatmap(run: RunSummary, path: Path) -> Path:
     return path
 
 
+def plot_hyper(run: RunSummary, path: Path) -> Path:
+    """A scotti run's hyper.csv: learning rate, momentum, threshold and frozen share per iteration."""
+    plt = _pyplot()
+    rows = read_hyper(RunDir(run.path))
+    iterations = [int(r["iteration"]) for r in rows]
+    panels = (("lr", "learning rate"), ("momentum", "momentum"), ("eps", "threshold eps"), ("frozen_share", "frozen share of neurons"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 7.5), sharex=True)
+    for ax, (column, label) in zip(axes, panels):
+        ax.plot(iterations, [float(r[column]) for r in rows], lw=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for epoch_start in sorted({int(r["epoch"]): int(r["iteration"]) for r in reversed(rows)}.values())[1:]:
+        for ax in axes:
+            ax.axvline(epoch_start, color="grey", lw=0.5, ls=":")
+    axes[0].set_title(f"{run.method} on {run.data}, seed {run.seed} (dotted: epochs)")
+    axes[-1].set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -366,11 +389,14 @@ def _distinct(runs: list[RunSummary]) -> list[RunSummary]:
 
 
 REPORT_INDEX = ".onnx-neq-report.json"  # the files a report wrote into its folder: all a later one may replace or remove
-REPORT_FILES = ("results.csv", "results.md", "accuracy.png", "accuracy-vs-step.png", "heatmap-*.png", "runs.json", REPORT_INDEX)
+REPORT_FILES = (
+    "results.csv", "results.md", "accuracy.png", "accuracy-vs-step.png", "heatmap-*.png", "hyper-*.png", "runs.json", REPORT_INDEX
+)  # fmt: skip
 
 
 def write_report(run_paths: list[str | Path], out: str | Path) -> dict[str, Path]:
-    """results.csv, results.md, accuracy.png, accuracy-vs-step.png and a heatmap per velocity run group into `out`.
+    """results.csv, results.md, accuracy.png, accuracy-vs-step.png, a heatmap per velocity run group and the
+    hyper-parameters of each scotti run (hyper-*.png, its first seed) into `out`.
 
     Drawn in a staging folder first, so a failure leaves the previous report whole and a reader never sees
     a half-written or mixed one. A folder holding nothing but report files is replaced whole (the staging
@@ -406,6 +432,10 @@ def _draw(runs: list[RunSummary], folder: Path) -> dict[str, str]:
         if r.method == VELOCITY and r.seed == min(x.seed for x in runs):
             slug = f"{r.data}-{r.budget_label}".replace(":", "_").replace("/", "_").replace("@", "_").replace("%", "pct")
             names[f"heatmap {slug}"] = plot_layer_heatmap(r, folder / f"heatmap-{slug}.png").name
+    for r in runs:
+        if (r.path / HYPER_FILE).exists() and r.seed == min(x.seed for x in runs):
+            slug = f"{r.data}-{r.method}".replace(":", "_").replace("/", "_").replace("@", "_").replace("[", "_").replace("]", "")
+            names[f"hyper {slug}"] = plot_hyper(r, folder / f"hyper-{slug.replace('=', '_').replace(',', '_')}.png").name
     (folder / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))
     (folder / REPORT_INDEX).write_text(json.dumps(sorted([*names.values(), "runs.json", REPORT_INDEX])))
     return names

@@ -16,10 +16,11 @@ import numpy as np
 
 from onnx_neq.selection.cost_model import CostModel, greedy_fill
 from onnx_neq.selection.gradient import fisher_order, gradnorm_order
-from onnx_neq.selection.selectors import select_full, select_neq, velocity_ranking
+from onnx_neq.selection.selectors import select_full, select_neq, select_scotti, velocity_ranking
 
 # the selectors' names: spelled here only (--selector, settings.json, compare's methods and the reports use them)
 VELOCITY, RANDOM, SU, FULL, NEQ, GRADNORM, FISHER = "velocity", "random", "su", "full", "neq", "gradnorm", "fisher"
+SCOTTI = "scotti"
 
 
 class Needs:
@@ -63,6 +64,8 @@ class SelectorSpec:
     first_epoch: str | None  # None: the selector runs at epoch 0 too; else the default --init for epoch 0
     options: tuple[str, ...]  # the settings it reads, by name (training/config.py; tests check each is one)
     summary: str
+    defaults: dict = field(default_factory=dict)  # its own defaults of options whose setting defaults to None
+    policy: str | None = None  # "module:Class" of its loop Policy when it acts inside an epoch (None: SelectorPolicy)
 
 
 def _velocity(s: SelectionInputs) -> np.ndarray:
@@ -83,6 +86,10 @@ def _full(s: SelectionInputs) -> np.ndarray:
 
 def _neq(s: SelectionInputs) -> np.ndarray:
     return select_neq(s.velocity, s.options["eps"])
+
+
+def _scotti(s: SelectionInputs) -> np.ndarray:
+    return select_scotti(s.velocity, s.options["eps"])
 
 
 def _gradnorm(s: SelectionInputs) -> np.ndarray:
@@ -111,7 +118,25 @@ SELECTORS: dict[str, SelectorSpec] = {
         SelectorSpec(SU, _su, True, (Needs.WEIGHT_NORMS,), None, ("su_scheme",), "static Sparse Update scheme (largest weight norms)"),
         SelectorSpec(FULL, _full, False, (), None, (), "every neuron, no budget"),
         SelectorSpec(
-            NEQ, _neq, False, (Needs.VELOCITY,), FULL, ("eps", "mu", "recurrence", "phi", "velocity_images"), "|velocity| > eps, no budget"
+            NEQ,
+            _neq,
+            False,
+            (Needs.VELOCITY,),
+            FULL,
+            ("eps", "mu", "recurrence", "phi", "velocity_images"),
+            "|velocity| > eps, no budget",
+            {"eps": 1e-3},
+        ),
+        SelectorSpec(
+            SCOTTI,
+            _scotti,
+            False,
+            (Needs.VELOCITY,),
+            FULL,
+            ("eps", "momentum", "hyper_lr", "eps_hyper_lr", "weight_decay", "mu", "recurrence", "phi", "velocity_images"),
+            "NEq with a threshold, learning rate and momentum learned every step (SCoTTi), no budget",
+            {"eps": 0.05},
+            "onnx_neq.training.scotti_policy:ScottiPolicy",
         ),
         SelectorSpec(
             GRADNORM,

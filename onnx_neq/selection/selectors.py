@@ -24,6 +24,11 @@ def select_neq(velocity: np.ndarray, eps: float) -> np.ndarray:
     return np.abs(velocity) > eps
 
 
+def select_scotti(velocity: np.ndarray, eps: float) -> np.ndarray:
+    """SCoTTi's freeze (its authors' rule): train the neurons with |velocity| - eps >= 0."""
+    return np.abs(velocity) - eps >= 0
+
+
 def select_su(weight_norms: list[np.ndarray], scheme: dict[int, float]) -> np.ndarray:
     """Static Sparse Update: in each listed layer (by index) keep the `ratio` of output channels
     with the largest weight L2 norm; every other layer frozen."""

@@ -101,7 +101,29 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the validation split, the batch order and the random draws.", cli=TRAIN, minimum=0, cli_range=False)
     velocity_images: int = setting(10, "Size of the fixed velocity set, drawn from the validation split.", cli=TRAIN, minimum=1)
     mu: float = setting(0.5, "Velocity momentum.", cli=TRAIN, minimum=0, maximum=1)
-    eps: float = setting(1e-3, "NEq threshold on |velocity|.", cli=TRAIN, minimum=0)
+    eps: float | None = setting(
+        None,
+        "the threshold on |velocity| (scotti: its initial value, then learned; below 0 freezes nothing)"
+        " [default: 1e-3 for neq (NEq's commands), 0.05 for scotti (its authors' optimizer code)].",
+        cli=TRAIN,
+        for_selectors=True,
+    )
+    momentum: float = setting(
+        0.9, "initial momentum of its heavy-ball SGD, then learned (the authors' mu0).", cli=TRAIN, minimum=0, maximum=1, for_selectors=True
+    )
+    hyper_lr: float = setting(
+        1e-4,
+        "step of the learning rate's and momentum's own SGD, 0 to keep them fixed (the authors' 1e-4).",
+        cli=TRAIN,
+        minimum=0,
+        for_selectors=True,
+    )
+    eps_hyper_lr: float = setting(
+        1e-4, "step of the threshold's own SGD, 0 to keep it fixed (the authors' 1e-4).", cli=TRAIN, minimum=0, for_selectors=True
+    )
+    weight_decay: float = setting(
+        1e-3, "weight decay in its update, masked with the frozen rows (the authors' 1e-3).", cli=TRAIN, minimum=0, for_selectors=True
+    )
     su_scheme: str | None = setting(
         None, "Sparse Update scheme: 1-5 (MobileNetV2) or a JSON/YAML file [default: largest built-in within the budget].", cli=TRAIN
     )
@@ -234,6 +256,7 @@ def validate(config: TrainConfig) -> None:
     ):
         raise NeqError(f"--classes must name at least two different classes, not {config.classes}")
     _check_cost(config)
+    _check_selector(config)
     _check_backend(config)
 
 
@@ -267,7 +290,9 @@ def _range_text(s: Setting) -> str:
         return f"a number strictly between {s.above:g} and {s.below:g}"
     if s.minimum is not None and s.maximum is not None:
         return f"a number from {s.minimum:g} to {s.maximum:g}"
-    return f"a finite number above {s.above:g}" if s.above is not None else f"a finite number of at least {s.minimum:g}"
+    if s.above is not None:
+        return f"a finite number above {s.above:g}"
+    return f"a finite number of at least {s.minimum:g}" if s.minimum is not None else "a finite number"
 
 
 def _check_cost(config: TrainConfig) -> None:
@@ -286,6 +311,33 @@ def _check_cost(config: TrainConfig) -> None:
         if config.backend not in (None, SPECIALIZED):
             raise NeqError(f"--cost {kind} needs --backend {SPECIALIZED}: the masked backends compute the whole backward pass")
         config.bn_update, config.backend = SELECTED, SPECIALIZED
+
+
+def _check_selector(config: TrainConfig) -> None:
+    """The selector's own defaults for options left unset; a selector with its own loop policy that updates on the
+    host (scotti) runs on a backend that hands it the gradients (specialized for SGD artifacts, else portable)."""
+    spec = SELECTORS[config.selector]
+    for option, value in spec.defaults.items():
+        if getattr(config, option) is None:
+            setattr(config, option, value)
+    if spec.policy is None:
+        return
+    if config.backend == ORT_TRAINING:
+        raise NeqError(
+            f"--selector {spec.name} updates on the host every step; use --backend {SPECIALIZED} or {PORTABLE} (not {ORT_TRAINING})"
+        )
+    if config.backend is None:
+        config.backend = SPECIALIZED if _prepared_optimizer(config.artifacts) == "sgd" else PORTABLE
+
+
+def _prepared_optimizer(artifacts: str | None) -> str | None:
+    """The optimizer the artifacts were prepared for (None where they cannot be read: train reports that)."""
+    from onnx_neq.manifest import read_manifest
+
+    try:
+        return read_manifest(artifacts).optimizer if artifacts else None
+    except NeqError:
+        return None
 
 
 def _check_backend(config: TrainConfig) -> None:

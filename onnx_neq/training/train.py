@@ -8,6 +8,7 @@ the selectors are numpy.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from onnx_neq.backends.base import default_backend, open_backend
 from onnx_neq.errors import environment_error
 from onnx_neq.manifest import Manifest, read_manifest
 from onnx_neq.selection.budget import Budget
+from onnx_neq.selection.registry import SELECTORS
 from onnx_neq.training.config import TrainConfig
 from onnx_neq.training.default_model import artifacts_with_head, head_change
 from onnx_neq.training.loop import LoopResult, Policy, Progress, TrainingLoop
@@ -49,13 +51,13 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     overrides: dict | None = None,
-    policy: PolicyFactory = SelectorPolicy,
+    policy: PolicyFactory | None = None,
 ) -> TrainResult:
     """Run (or resume) a fine-tuning run into config.out; see TrainConfig for the settings.
 
     `overrides`: the options given explicitly with --resume; only --epochs (and --threads) may differ
     from the run's stored settings (see resume.apply_overrides). `policy(config, manifest, selection)`
-    makes what the loop trains (loop.Policy), once the backend is open; by default the config's selector."""
+    makes what the loop trains (loop.Policy), once the backend is open; by default the selector's (policy_for)."""
     progress = progress or (lambda event, info: None)
     run = RunDir(config.out)
     if resume:
@@ -97,7 +99,7 @@ class _Start:
     selection: Selection
     progress: Progress
     notes: list[str]
-    policy: PolicyFactory
+    policy: PolicyFactory | None
 
 
 def _start(run: RunDir, settings: dict, s: _Start) -> TrainResult:
@@ -108,7 +110,8 @@ def _start(run: RunDir, settings: dict, s: _Start) -> TrainResult:
     run.create(settings)
     s.progress("start", start_info(config, s.manifest, s.data, s.selection.budget, s.notes))
     try:
-        loop = TrainingLoop(config, s.manifest, s.data, session, run, s.policy(config, s.manifest, s.selection), s.progress)
+        make = s.policy or policy_for(config)
+        loop = TrainingLoop(config, s.manifest, s.data, session, run, make(config, s.manifest, s.selection), s.progress)
         return _result(loop.run(RunState(), {}), s.selection.budget)
     except Exception:
         if not run.committed():
@@ -116,7 +119,7 @@ def _start(run: RunDir, settings: dict, s: _Start) -> TrainResult:
         raise
 
 
-def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress, policy: PolicyFactory) -> TrainResult:
+def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Progress, policy: PolicyFactory | None) -> TrainResult:
     """Continue the run in `run` with its stored settings, checked as strictly as new ones; nothing is
     written to the run until every check has passed."""
     settings = run.settings()
@@ -134,8 +137,18 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     if config.epochs != stored_epochs:
         run.write_settings({**settings, "config": asdict(config)})
     progress("start", start_info(config, manifest, data, selection.budget, notes + damage, resumed_at=state.epoch + 1))
-    loop = TrainingLoop(config, manifest, data, session, run, policy(config, manifest, selection), progress)
+    make = policy or policy_for(config)
+    loop = TrainingLoop(config, manifest, data, session, run, make(config, manifest, selection), progress)
     return _result(loop.run(state, saved), selection.budget)
+
+
+def policy_for(config: TrainConfig) -> PolicyFactory:
+    """The loop policy of config's selector: its registry entry's `policy` ("module:Class"), else SelectorPolicy."""
+    spec = SELECTORS[config.selector].policy
+    if spec is None:
+        return SelectorPolicy
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _result(result: LoopResult, budget: Budget) -> TrainResult:

@@ -58,7 +58,7 @@ def test_stored_settings_read_back_as_written():
     [
         ({"lr": 0.0}, "--lr must be a finite number above 0, not 0.0"),
         ({"mu": 2.0}, "--mu must be a number from 0 to 1, not 2.0"),
-        ({"eps": float("nan")}, "--eps must be a finite number of at least 0"),
+        ({"eps": float("nan")}, "--eps must be a finite number, not nan"),
         ({"val_fraction": 1.0}, "val_fraction must be a number strictly between 0 and 1"),
         ({"seed": -1}, "--seed must be an integer from 0 to"),
         ({"phi": "round"}, "--phi must be one of spatial, flat, not 'round'"),
