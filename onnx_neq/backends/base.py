@@ -66,7 +66,7 @@ class HostGradients(Protocol):
 
     def set_masks(self, masks: dict[str, np.ndarray]) -> None: ...
     def gradients(self) -> Grads: ...
-    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> Any: ...
+    def forward_backward(self, images: np.ndarray, labels: np.ndarray) -> Any: ...
 
 
 def rule_step(backend: HostGradients, rule: UpdateRule, images: np.ndarray, labels: np.ndarray, outputs: Any) -> Any:
@@ -76,7 +76,7 @@ def rule_step(backend: HostGradients, rule: UpdateRule, images: np.ndarray, labe
     masks = rule.hyper_step(backend.gradients())
     if any(np.any(mask & (backend.masks[name] == 0)) for name, mask in masks.items()):
         backend.set_masks(masks)
-        outputs = backend._forward_backward(images, labels)
+        outputs = backend.forward_backward(images, labels)
         backend.recomputed += 1
     rule.step(backend.params, backend.gradients())
     return outputs

@@ -86,7 +86,7 @@ class PortableBackend:
     # steps -------------------------------------------------------------------------------
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         """One optimizer step on a batch (with an update rule installed: the rule's step; `lr` unused); returns (loss, logits)."""
-        outputs = self._forward_backward(images, labels)
+        outputs = self.forward_backward(images, labels)
         if self.rule is None:
             self._optimizer_step(lr)
         else:
@@ -96,7 +96,7 @@ class PortableBackend:
             self._update_running_statistics(statistics, len(images))
         return loss, logits
 
-    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    def forward_backward(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
         """Loss, logits and BatchNorm statistics; the gradients land in self.grads."""
         return self.training.run(images, labels, self.masks)
 

@@ -80,7 +80,7 @@ class SpecializedBackend(PortableBackend):
         spec = self.report.layers[name]
         return [p for p in (layer.weight, layer.bias) if p] + (list(spec.bn_params) if self.bn_update == "selected" else [])
 
-    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    def forward_backward(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of the selection's graph by name (its gradients: the selected rows only)."""
         feeds = {self.manifest.input.name: f32(images), self.manifest.label_input: np.ascontiguousarray(labels, np.int64), **self.channels}
         feeds.update({name: value for name, value in self.params.items() if name in self.inputs})
