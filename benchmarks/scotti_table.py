@@ -22,11 +22,14 @@ from onnx_neq.results.statistics import mean_ci
 from onnx_neq.training import metrics
 from onnx_neq.training.run_dir import RunDir
 
-ROWS = {  # compare's method label -> the talk's row
-    "scotti[eps=0.05,hyper_lr=0.0,eps_hyper_lr=0.0]": "NEq (fixed eps 0.05, momentum SGD)",
+ROWS = {  # compare's method label -> the talk's row (eps 0.05, hyper_lr 1e-4, eps_hyper_lr 1e-4 are scotti's defaults)
+    "scotti[hyper_lr=0.0,eps_hyper_lr=0.0]": "NEq (fixed eps 0.05, momentum SGD)",
     "scotti[eps=-1.0,eps_hyper_lr=0.0]": "hyper-gradient learning rate only",
     "scotti[eps_hyper_lr=0.0]": "NEq + hyper-gradient learning rate",
     "scotti": "SCoTTi (eps, lr and momentum learned)",
+    "scotti[eps=0.1]": "SCoTTi, eps0 0.1",
+    "scotti[hyper_lr=1e-05]": "SCoTTi, hyper lr 1e-5",
+    "scotti[eps=0.1,hyper_lr=1e-05]": "SCoTTi, eps0 0.1, hyper lr 1e-5",
     "scotti[eps=-1.0,hyper_lr=0.0,eps_hyper_lr=0.0]": "full fine-tuning (momentum SGD)",
 }
 FULL = "scotti[eps=-1.0,hyper_lr=0.0,eps_hyper_lr=0.0]"
@@ -58,7 +61,9 @@ def table(run_dirs: list[Path]) -> str:
     ]
     for data in sorted({d for d, _ in cells}):
         full = cells.get((data, FULL), {})
-        for method, label in ROWS.items():
+        methods = [m for m in ROWS if (data, m) in cells] + sorted(m for d, m in cells if d == data and m not in ROWS)
+        for method in methods:
+            label = ROWS.get(method, method)
             runs = cells.get((data, method))
             if not runs:
                 continue

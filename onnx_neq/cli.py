@@ -13,7 +13,8 @@ from onnx_neq.backends.base import BACKENDS
 from onnx_neq.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
 from onnx_neq.results.plan import DEFAULT_METHODS, DEFAULT_SEEDS, PAPER_RATIOS, parse_method
 from onnx_neq.training import metrics
-from onnx_neq.training.config import RECIPE, TRAIN, Setting, TrainConfig, settings_of
+from onnx_neq.training.config import PRUNE, RECIPE, TRAIN, Setting, TrainConfig, settings_of
+from onnx_neq.training.prune_config import PruneConfig
 
 
 class _Numbers(click.ParamType):
@@ -310,13 +311,19 @@ class _Progress:
             r, m = info, metrics
             click.echo(
                 f"{r[m.EPOCH]:>5}  {float(r[m.LR]):<8.4g}  {float(r[m.TRAIN_LOSS]):<7.4f}  {float(r[m.TRAIN_TOP1]):.4f}  {float(r[m.VAL_TOP1]):.4f}"
-                f"  {float(r[m.TEST_TOP1]):.4f}  {r[m.UPDATED_PARAMS]:>9,}  {r[m.SELECTED_NEURONS]:>8,}  {float(r[m.EPOCH_SECONDS]):>7.2f}",
+                f"  {float(r[m.TEST_TOP1]):.4f}  {_count(r.get(m.UPDATED_PARAMS)):>9}  {_count(r.get(m.SELECTED_NEURONS)):>8}"
+                f"  {float(r[m.EPOCH_SECONDS]):>7.2f}",
                 err=True,
             )
 
     def clear(self) -> None:
         if self.tty:
             click.echo("\r" + " " * 79 + "\r", err=True, nl=False)
+
+
+def _count(value) -> str:
+    """A count with thousands separators; "-" where a policy has none (prune trains every neuron)."""
+    return f"{value:,}" if isinstance(value, int) else "-"
 
 
 def _start_lines(info: dict) -> list[str]:
@@ -331,6 +338,48 @@ def _start_lines(info: dict) -> list[str]:
     if info.get("resumed_at") is not None:
         lines.append(f"resuming  at epoch {info['resumed_at']}")
     return lines + [f"warning   {note}" for note in info["notes"]]
+
+
+PRUNE_RECIPE = ("data", "classes", "seed", "epochs", "lr", "batch_size", "warmup_epochs", "train_limit", "backend", "threads")
+
+
+def _named_options(names: tuple[str, ...], config_class: type):
+    """The options of the settings `names` of `config_class`, in that order."""
+    by_name = {s.name: s for s in settings_of(config_class)}
+
+    def decorate(command):
+        for name in reversed(names):
+            command = _option(by_name[name])(command)
+        return command
+
+    return decorate
+
+
+@main.command("prune")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory (the same command continues it)."
+)
+@_settings_options(PRUNE, PruneConfig)
+@_named_options(PRUNE_RECIPE, PruneConfig)
+def prune_command(model, out, **settings) -> None:
+    """Prune MODEL in rounds (Entropy-Guided Pruning or global magnitude), fine-tuning between rounds.
+
+    Round 0 fine-tunes the dense model for --epochs; each later round prunes --share of the remaining weights
+    of the convs an activation follows, then fine-tunes for --epochs with those weights held at exactly 0.
+    """
+    from onnx_neq.results.summary import prune_summary
+    from onnx_neq.training.prune import prune
+
+    config = PruneConfig(artifacts="", model=str(model), out=str(out), **settings)
+    progress = _Progress()
+    try:
+        result = prune(config, progress=progress)
+    except KeyboardInterrupt:
+        progress.clear()
+        raise InterruptedRun(f"interrupted; continue with the same command (it resumes from {out})") from None
+    progress.clear()
+    click.echo(prune_summary(result))
 
 
 @main.command("eval")

@@ -49,11 +49,11 @@ Grads = Mapping[str, tuple[np.ndarray, "np.ndarray | None"]]  # parameter -> (gr
 
 class UpdateRule(Protocol):
     """An update that replaces a host backend's optimizer (SCoTTi, selection/scotti.py): per step it learns
-    from the gradients (`hyper_step`, which returns the channel masks of this update: per layer, bool), then
+    from the gradients (`prepare`, which returns the channel masks of this update: per layer, bool), then
     changes the parameters in place (`step`), never writing a frozen row."""
 
     def bind(self, param_layers: dict[str, str], ste: set[str], layer_sizes: dict[str, int]) -> None: ...
-    def hyper_step(self, grads: Grads) -> dict[str, np.ndarray]: ...
+    def prepare(self, grads: Grads) -> dict[str, np.ndarray]: ...
     def step(self, params: dict[str, np.ndarray], grads: Grads) -> None: ...
 
 
@@ -73,7 +73,7 @@ def rule_step(backend: HostGradients, rule: UpdateRule, images: np.ndarray, labe
     """One update by `rule` after the backend's forward and backward pass (`outputs`). When the rule's masks
     train a channel whose gradient the pass did not compute (the threshold fell), the pass runs again on the
     same batch and weights with those masks, so the update is exact; returns the outputs of the last pass."""
-    masks = rule.hyper_step(backend.gradients())
+    masks = rule.prepare(backend.gradients())
     if any(np.any(mask & (backend.masks[name] == 0)) for name, mask in masks.items()):
         backend.set_masks(masks)
         outputs = backend.forward_backward(images, labels)

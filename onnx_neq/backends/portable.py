@@ -164,6 +164,14 @@ class PortableBackend:
     def parameters(self) -> dict[str, np.ndarray]:
         return {name: array.copy() for name, array in self.params.items()}
 
+    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite parameters in place (their buffers stay bound); NeqError for an unknown name or another shape."""
+        for name, value in values.items():
+            param = self.params.get(name)
+            if param is None or np.shape(value) != param.shape:
+                raise NeqError(f"cannot set parameter {name!r}: {'no such parameter' if param is None else f'shape {np.shape(value)}'}")
+            np.copyto(param, value)
+
     def save_checkpoint(self, path: str | Path) -> None:
         """Every parameter and the optimizer state, for an exact resume (the caller renames it into place)."""
         _save_npz(path, {**self.params, **{OPTIMIZER_PREFIX + k: v for k, v in self.optimizer.state_dict().items()}})

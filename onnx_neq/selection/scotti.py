@@ -47,7 +47,7 @@ class ScottiSettings:
 
 class Scotti:
     """The update rule; `bind` it to the parameters first, `set_velocity` each epoch, then per step
-    `hyper_step(grads)` (returns the channel masks of the update) and `step(params, grads)`."""
+    `prepare(grads)` (the hyper-step; returns the channel masks of the update) and `step(params, grads)`."""
 
     def __init__(self, settings: ScottiSettings):
         self.settings = settings
@@ -87,7 +87,7 @@ class Scotti:
         return sum(int((~m).sum()) for m in self.masks.values()) / max(1, total)
 
     # per step -----------------------------------------------------------------------------------
-    def hyper_step(self, grads: Grads) -> dict[str, np.ndarray]:
+    def prepare(self, grads: Grads) -> dict[str, np.ndarray]:
         """Learn alpha, mu and eps from this step's gradients; returns the channel masks of this update."""
         dot_b = dot_ste = dot_d = 0.0
         for name, (g, rows) in grads.items():
@@ -109,7 +109,7 @@ class Scotti:
         return self.masks
 
     def step(self, params: dict[str, np.ndarray], grads: Grads) -> None:
-        """The base step under the masks of the last hyper_step; `params` updated in place, frozen rows untouched."""
+        """The base step under the masks of the last prepare (hyper-step); `params` updated in place, frozen rows untouched."""
         lr, mu, wd = F32(self.values["lr"]), F32(self.values["momentum"]), F32(self.settings.weight_decay)
         for name in set(self.buffers) - set(grads):  # wholly frozen this step (no gradient computed)
             self.buffers[name][...] = 0

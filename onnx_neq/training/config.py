@@ -27,6 +27,7 @@ from onnx_neq.selection.registry import FIRST_EPOCH_RULES, RANDOM, RANK_COSTS, S
 from onnx_neq.selection.velocity import PHI_MODES, RECURRENCES
 
 TRAIN, RECIPE = "train", "recipe"  # where the CLI offers a setting: `train` only, or train and compare (the recipe)
+PRUNE = "prune"  # `prune` only (a PruneConfig setting)
 SHARE = "share"  # Setting.budget_of of --budget-ratio: a share of the total, in any unit
 MAX_COUNT = 1 << 31  # no count of a run (epochs, batch, seed, images) comes near this
 ALWAYS, SELECTED = BN_UPDATES = ("always", "selected")  # --bn-update
@@ -190,6 +191,10 @@ class TrainConfig:
     )
     gradnorm_pool: int = setting(
         0, "draw only from the N layers of largest gradient norm per parameter (0: every layer).", cli=RECIPE, minimum=0, for_selectors=True
+    )
+
+    initial_weights: str | None = setting(
+        None, "A checkpoint of the artifacts' backend to start from instead of their parameters (prune's rounds start from the last)."
     )
 
     def validate(self) -> None:

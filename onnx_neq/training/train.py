@@ -106,7 +106,7 @@ def _start(run: RunDir, settings: dict, s: _Start) -> TrainResult:
     """A new run: the backend opens before anything is written, and a run that fails before it commits
     its first epoch (bad artifacts, a divergence in epoch 0) leaves nothing that blocks the same --out."""
     config = s.config
-    session = open_backend(config.backend, config.artifacts, None, threads=config.threads, **config.backend_options())
+    session = open_backend(config.backend, config.artifacts, config.initial_weights, threads=config.threads, **config.backend_options())
     run.create(settings)
     s.progress("start", start_info(config, s.manifest, s.data, s.selection.budget, s.notes))
     try:

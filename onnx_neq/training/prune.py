@@ -1,0 +1,257 @@
+"""`onnx-neq prune`: rounds of Entropy-Guided (or global magnitude) pruning, fine-tuned between rounds.
+
+    OUT/prune.json          the settings and the model's sha256 (the same command continues; others are refused)
+    OUT/artifacts/          the model prepared (a head of the data's classes where it differs)
+    OUT/round_RR/masks.npz  the keep-mask of every prunable conv weight for that round
+    OUT/round_RR/start.ckpt the weights the round starts from: the last round's, with the pruned ones set to 0
+    OUT/round_RR/run/       the round's fine-tuning: a run directory of the shared training loop
+    OUT/rounds.csv          one row per finished round; OUT/model.onnx the last round's best model
+
+Round 0 fine-tunes the dense model (the reference). Round r >= 1 measures each prunable layer's entropy
+with the last round's final weights (training/entropy.py), prunes `share` of the remaining weights of the
+prunable convs (selection/egp.py: per layer by entropy for egp, one global threshold for magnitude),
+then fine-tunes for --epochs with those weights held at exactly 0 (training/prune_policy.py). Every file
+is written whole or not at all, and a round's run resumes as `train --resume` does, so a prune killed at
+any moment ends, run again, where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnx_neq.backends.base import PORTABLE, SPECIALIZED, open_backend
+from onnx_neq.errors import NeqError
+from onnx_neq.manifest import Manifest, read_manifest
+from onnx_neq.selection import egp
+from onnx_neq.selection.registry import FULL
+from onnx_neq.training.config import TrainConfig
+from onnx_neq.training.default_model import artifacts_with_head
+from onnx_neq.training.entropy import EntropyProbe, LayerActivity
+from onnx_neq.training.evaluate import evaluate
+from onnx_neq.training.files import atomic_write_bytes, read_run_json, sha256_file
+from onnx_neq.training.loop import Progress
+from onnx_neq.training.prune_config import EGP, PruneConfig
+from onnx_neq.training.prune_policy import PrunePolicy, read_keep
+from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.run_lock import RunLock
+from onnx_neq.training.setup import load_data, load_run_dataset, prep
+from onnx_neq.training.train import train
+
+FOLD_CHECK_IMAGES = 256  # training images on which the folded model must give the pruned model's outputs
+FOLD_TOLERANCE = 1e-4  # on the logits: float32 sums in another order (a merged conv) move them by ~1e-6 relative
+ROUND_COLUMNS = (
+    "round", "target_sparsity", "sparsity", "nonzero", "identity_layers", "constant_layers", "best_epoch", "val_top1", "test_top1",
+)  # fmt: skip
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    rows: list[dict]
+    model: Path
+    folded: Path | None = None  # model_folded.onnx, where a layer could be removed
+    folded_top1: float | None = None  # its test top-1
+
+
+def prune(config: PruneConfig, progress: Progress | None = None) -> PruneResult:
+    """Prune config.model into config.out; the same command continues an interrupted prune."""
+    progress = progress or (lambda event, info: None)
+    config.selector, config.backend = FULL, config.backend or _host_backend()
+    config.validate()
+    if config.backend not in (PORTABLE, SPECIALIZED):
+        raise NeqError(f"prune holds pruned weights at 0 in the update on the host; use --backend {SPECIALIZED} or {PORTABLE}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        _check_settings(out, config)
+        artifacts = _artifacts(config, out)
+        rounds = egp.rounds_for(config.sparsity, config.share)
+        rows = _read_rounds(out)
+        for r in range(len(rows), rounds + 1):
+            progress("round", {"round": r, "rounds": rounds})
+            rows.append(_round(config, artifacts, out, r, progress))
+            _write_rounds(out, rows)
+        model = out / "model.onnx"
+        shutil.copyfile(_round_dir(out, rounds) / "run" / "model.onnx", model)
+        folded = _fold(config, artifacts, out, rounds)
+        folded_top1 = evaluate(folded, config.data, config.classes).top1 if folded else None
+        return PruneResult(out, rows, model, folded, folded_top1)
+
+
+def _host_backend() -> str:
+    return SPECIALIZED
+
+
+def _check_settings(out: Path, config: PruneConfig) -> None:
+    """OUT/prune.json: written by the first run; a later one must ask for the same prune."""
+    settings = {"model_sha256": sha256_file(Path(config.model)), "config": _recorded(config)}
+    path = out / "prune.json"
+    if path.exists():
+        stored = read_run_json(path)
+        if stored != settings:
+            raise NeqError(f"{out} holds a prune with other settings or another model; run the same command, or choose another -o")
+        return
+    if any(p.name != ".lock" for p in out.iterdir()):
+        raise NeqError(f"{out} is not empty and holds no prune; choose another -o")
+    atomic_write_bytes(path, json.dumps(settings, indent=1).encode())
+
+
+def _recorded(config: PruneConfig) -> dict:
+    """The settings that decide the result (threads and the output folder do not)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("threads", "out", "model")}
+
+
+def _artifacts(config: PruneConfig, out: Path) -> Path:
+    from onnx_neq.graph.prepare import prepare
+
+    artifacts = out / "artifacts"
+    if not (artifacts / "manifest.json").exists():
+        prepare(config.model, artifacts)
+    manifest = read_manifest(artifacts)
+    dataset = load_run_dataset(dataclasses.replace(config, artifacts=str(artifacts)), manifest)
+    return artifacts_with_head(artifacts, dataset.num_classes)
+
+
+def _round_dir(out: Path, r: int) -> Path:
+    return out / f"round_{r:02d}"
+
+
+def _round(config: PruneConfig, artifacts: Path, out: Path, r: int, progress: Progress) -> dict:
+    """Round r: its masks and start weights (unless written), its fine-tuning, its row."""
+    folder = _round_dir(out, r)
+    folder.mkdir(exist_ok=True)
+    manifest = read_manifest(artifacts)
+    run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    run_config.artifacts, run_config.out = str(artifacts), str(folder / "run")
+    if r > 0:
+        if not (folder / "start.ckpt").exists():
+            _start_round(config, run_config, manifest, out, r)
+        run_config.initial_weights = str(folder / "start.ckpt")
+    keep = read_keep(folder / "masks.npz") if r > 0 else {}
+    policy: Callable = lambda c, m, s: PrunePolicy(c, m, s, keep)  # noqa: E731
+    resume = RunDir(run_config.out).exists()
+    result = train(run_config, resume=resume, progress=progress, policy=policy)
+    return _row(config, run_config, manifest, r, keep, result)
+
+
+def _start_round(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, out: Path, r: int) -> None:
+    """Round r's masks (from the entropy of round r-1's final weights) and its start weights."""
+    previous = _final_checkpoint(_round_dir(out, r - 1))
+    session = open_backend(run_config.backend, run_config.artifacts, previous, threads=config.threads)
+    params = session.parameters()
+    keep = read_keep(_round_dir(out, r - 1) / "masks.npz") if r > 1 else None
+    activity = _activity(config, run_config, manifest, params)
+    prunable = {manifest_layer(manifest, name).weight: a for name, a in activity.items()}
+    keep = keep or {w: np.ones(params[w].shape, bool) for w in prunable}
+    weights = {w: params[w] for w in prunable}
+    amount = egp.round_amount(sum(int(k.sum()) for k in keep.values()), config.share)
+    if config.method == EGP:
+        keep = egp.egp_masks(weights, keep, {w: a.value for w, a in prunable.items()}, amount)
+    else:
+        keep = egp.magnitude_masks(weights, keep, amount)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **keep)
+    atomic_write_bytes(_round_dir(out, r) / "masks.npz", buffer.getvalue())
+    session.set_parameters({w: np.where(keep[w], params[w], np.float32(0)) for w in keep})
+    target = _round_dir(out, r) / "start.ckpt"
+    tmp = target.with_name(".start.ckpt.tmp")
+    session.save_checkpoint(tmp)
+    tmp.replace(target)
+
+
+def _activity(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, params: dict) -> dict[str, LayerActivity]:
+    data = load_data(run_config, manifest)
+    probe = EntropyProbe(run_config.artifacts, manifest, params, config.threads)
+    return probe.measure(params, data.train, config.eval_batch_size)
+
+
+def manifest_layer(manifest: Manifest, name: str):
+    return next(layer for layer in manifest.layers if layer.name == name)
+
+
+def _final_checkpoint(folder: Path) -> Path:
+    """The round's weights: those of its best validation epoch (its model.onnx), where the next round starts."""
+    run = RunDir(folder / "run")
+    best = run.load_state().best_checkpoint
+    if best is None:
+        raise NeqError(f"{folder} has no finished epoch; run the same command again to continue it")
+    return run.path / best
+
+
+def _row(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, r: int, keep: dict, result) -> dict:
+    """The round's line of rounds.csv: sparsity of its masks, the layers its final weights make removable, top-1."""
+    session = open_backend(run_config.backend, run_config.artifacts, _final_checkpoint(Path(run_config.out).parent), threads=config.threads)
+    params = session.parameters()
+    activity = _activity(config, run_config, manifest, params)
+    weights = {manifest_layer(manifest, n).weight for n in activity}
+    nonzero = sum(int(np.count_nonzero(params[w])) for w in weights)
+    total = sum(params[w].size for w in weights)
+    best = next(row for row in result.rows if int(row["epoch"]) == result.best_epoch)
+    return {
+        "round": r,
+        "target_sparsity": f"{egp.schedule_sparsity(r, config.share)[-1] if r else 0.0:.6f}",
+        "sparsity": f"{1 - nonzero / total:.6f}",
+        "nonzero": nonzero,
+        "identity_layers": sum(a.identity for a in activity.values()),
+        "constant_layers": sum(a.constant or not np.any(params[manifest_layer(manifest, n).weight]) for n, a in activity.items()),
+        "best_epoch": result.best_epoch,
+        "val_top1": best["val_top1"],
+        "test_top1": best["test_top1"],
+    }
+
+
+def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | None:
+    """OUT/model_folded.onnx: the layers whose activation is the identity or a constant on the training data (or
+    whose weights are all 0) folded out of OUT/model.onnx (graph/fold_layers.py), checked against it on those
+    images; OUT/fold.json says what was folded, skipped and why. None when no layer could go."""
+    import onnx
+
+    from onnx_neq.graph.fold_layers import check_equal, fold_layers
+
+    manifest = read_manifest(artifacts)
+    run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    run_config.artifacts = str(artifacts)
+    session = open_backend(config.backend, artifacts, _final_checkpoint(_round_dir(out, last)), threads=config.threads)
+    params = session.parameters()
+    activity = _activity(config, run_config, manifest, params)
+    weights = {name: manifest_layer(manifest, name).weight for name in activity}
+    identity = {weights[n] for n, a in activity.items() if a.identity and np.any(params[weights[n]])}
+    constant = {weights[n] for n, a in activity.items() if a.constant or not np.any(params[weights[n]])}
+    model = onnx.load(str(out / "model.onnx"))
+    folded, report = fold_layers(model, identity, constant)
+    record = {"identity": sorted(identity), "constant": sorted(constant), **asdict(report)}
+    if report.nodes_after < report.nodes_before:
+        images = load_data(run_config, manifest).train.images[:FOLD_CHECK_IMAGES]
+        record["max_abs_difference"] = check_equal(model, folded, prep(manifest, images), atol=FOLD_TOLERANCE)
+        onnx.save(folded, str(out / ".model_folded.onnx.tmp"))
+        (out / ".model_folded.onnx.tmp").replace(out / "model_folded.onnx")
+    atomic_write_bytes(out / "fold.json", json.dumps(record, indent=1).encode())
+    return out / "model_folded.onnx" if report.nodes_after < report.nodes_before else None
+
+
+def _read_rounds(out: Path) -> list[dict]:
+    path = out / "rounds.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if [r.get("round") for r in rows] != [str(i) for i in range(len(rows))]:
+        raise NeqError(f"{path} is not a rounds file this prune wrote; choose another -o")
+    return rows
+
+
+def _write_rounds(out: Path, rows: list[dict]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ROUND_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "rounds.csv", text.getvalue().encode())
