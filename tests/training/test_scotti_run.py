@@ -125,3 +125,10 @@ def test_killed_scotti_run_resumes_to_the_same_result(tiny_artifacts, tmp_path):
 
 def _untimed(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in metrics.TIMING}
+
+
+def test_report_draws_hyper_csv(scotti_run, tmp_path):
+    result = cli("report", str(scotti_run.path), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    plots = list((tmp_path / "report").glob("hyper-*.png"))
+    assert len(plots) == 1 and plots[0].stat().st_size > 10_000
