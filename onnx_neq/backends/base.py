@@ -6,7 +6,7 @@
     logits, taps = backend.eval_batch(images);  logits = backend.eval_logits(images)
     backend.parameters() -> {name: array};  backend.save_checkpoint(path);  backend.export_inference(path)
     read_parameters(name, checkpoint_path, names) -> {name: array}   (without building sessions)
-    backend.set_update_rule(rule)   portable, specialized: every update by `rule` (SCoTTi), see UpdateRule
+    backend.set_update_rule(rule)   portable, specialized: every update by `rule` (update_rules.py)
 
 Backends: "ort-training" (onnxruntime-training 1.19.2: ORT's training graph, optimizer graph and
 checkpoint format), "portable" (stock onnxruntime: the lowered standard-ONNX training graph in
@@ -18,10 +18,10 @@ an ORT class.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -41,45 +41,7 @@ class Backend(Protocol):
     def export_inference(self, path: str | Path) -> None: ...
     def update_bytes(self) -> int: ...  # gradients + optimizer state held for an update
     def backward_macs(self) -> int: ...  # backward MACs per image of a step with the current masks
-    def set_update_rule(self, rule: UpdateRule) -> None: ...  # host backends only; see UpdateRule
-
-
-Grads = Mapping[str, tuple[np.ndarray, "np.ndarray | None"]]  # parameter -> (gradient of `rows`, rows; None: every row)
-
-
-class UpdateRule(Protocol):
-    """An update that replaces a host backend's optimizer (SCoTTi, selection/scotti.py): per step it learns
-    from the gradients (`prepare`, which returns the channel masks of this update: per layer, bool), then
-    changes the parameters in place (`step`), never writing a frozen row."""
-
-    def bind(self, param_layers: dict[str, str], ste: set[str], layer_sizes: dict[str, int]) -> None: ...
-    def prepare(self, grads: Grads) -> dict[str, np.ndarray]: ...
-    def step(self, params: dict[str, np.ndarray], grads: Grads) -> None: ...
-
-
-class HostGradients(Protocol):
-    """What rule_step needs of a backend: its parameters and masks, the last step's gradients, a new pass."""
-
-    params: dict[str, np.ndarray]
-    masks: dict[str, np.ndarray]
-    recomputed: int
-
-    def set_masks(self, masks: dict[str, np.ndarray]) -> None: ...
-    def gradients(self) -> Grads: ...
-    def forward_backward(self, images: np.ndarray, labels: np.ndarray) -> Any: ...
-
-
-def rule_step(backend: HostGradients, rule: UpdateRule, images: np.ndarray, labels: np.ndarray, outputs: Any) -> Any:
-    """One update by `rule` after the backend's forward and backward pass (`outputs`). When the rule's masks
-    train a channel whose gradient the pass did not compute (the threshold fell), the pass runs again on the
-    same batch and weights with those masks, so the update is exact; returns the outputs of the last pass."""
-    masks = rule.prepare(backend.gradients())
-    if any(np.any(mask & (backend.masks[name] == 0)) for name, mask in masks.items()):
-        backend.set_masks(masks)
-        outputs = backend.forward_backward(images, labels)
-        backend.recomputed += 1
-    rule.step(backend.params, backend.gradients())
-    return outputs
+    def set_update_rule(self, rule) -> None: ...  # host backends only; see update_rules.py
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import PORTABLE, SPECIALIZED, UpdateRule, checked_masks, f32, updated_running_statistics
-from onnx_neq.errors import NeqError
+from onnx_neq.backends.base import checked_masks, f32, updated_running_statistics
 from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
 from onnx_neq.ort_runtime import captured_native_stderr, onnxruntime, session_options, training_api
 
@@ -73,12 +72,6 @@ class TrainingSession:
         if self._frozen:
             self._restore_frozen()
         return float(loss), logits
-
-    def set_update_rule(self, rule: UpdateRule) -> None:
-        """Refused: ORT's optimizer graph runs the update, and its gradients never reach the host."""
-        raise NeqError(
-            f"an update rule (--selector scotti) needs each step's gradients on the host; use --backend {SPECIALIZED} or {PORTABLE}"
-        )
 
     def _update_running_statistics(self, outputs, batch: int) -> None:
         for name, value in updated_running_statistics(self.manifest, outputs, batch, lambda n: self.state.parameters[n].data):

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnx_neq.backends.base import Grads, UpdateRule, checked_masks, f32, rule_step, updated_running_statistics
+from onnx_neq.backends.base import checked_masks, f32, updated_running_statistics
 from onnx_neq.backends.host_optim import optimizer_for_manifest
+from onnx_neq.backends.update_rules import Grads, RuleHost, UpdateRule, rule_step
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest, artifact_model, artifact_path, read_manifest
 from onnx_neq.ort_runtime import ORT_DTYPES, onnxruntime, session_options
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 OPTIMIZER_PREFIX = "optimizer/"
 
 
-class PortableBackend:
+class PortableBackend(RuleHost):
     def __init__(self, artifacts_dir: str | Path, checkpoint: str | Path | None = None, threads: int = 0, memory_pattern: bool = False):
         self.dir = Path(artifacts_dir)
         self.manifest: Manifest = read_manifest(self.dir)
@@ -38,9 +39,6 @@ class PortableBackend:
         if "portable_training_model" not in files or "parameters" not in files:
             raise NeqError(f"{self.dir} has no portable training model (prepared by an older onnx-neq); run `onnx-neq prepare` again")
         self.options = session_options(threads, memory_pattern)
-        self.eval_session = onnxruntime().InferenceSession(
-            str(artifact_model(self.dir, self.manifest, "eval_model")), self.options, providers=["CPUExecutionProvider"]
-        )
         stored = _load_npz(checkpoint or artifact_path(self.dir, files["parameters"]))
         self.params = {k: np.ascontiguousarray(v, dtype=v.dtype) for k, v in stored.items() if not k.startswith(OPTIMIZER_PREFIX)}
         self.optimizer = optimizer_for_manifest(self.manifest)
@@ -59,10 +57,7 @@ class PortableBackend:
         self._values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.params.items()}
         self.stat_outputs = [name for s in self.manifest.bn_stats for name in (s["batch_mean"], s["batch_inv_std"])]
         self._prepare_training()
-        self.eval_binding = self._bind_parameters(self.eval_session)
-        self.eval_outputs = [o.name for o in self.eval_session.get_outputs()]
-        for name in self.eval_outputs:
-            self.eval_binding.bind_output(name, "cpu")
+        self.evaluation = _EvalGraph(self)
 
     def _prepare_training(self) -> None:
         """The masked training graph, its parameters bound in place and its gradients into preallocated buffers."""
@@ -92,8 +87,8 @@ class PortableBackend:
         else:
             outputs = rule_step(self, self.rule, images, labels, outputs)
         loss, logits, statistics = self._outputs(outputs)
-        if self.manifest.bn_stats:
-            self._update_running_statistics(statistics, len(images))
+        for name, value in updated_running_statistics(self.manifest, statistics, len(images), self.params.__getitem__):
+            np.copyto(self.params[name], value)
         return loss, logits
 
     def forward_backward(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
@@ -111,40 +106,12 @@ class PortableBackend:
         """The last step's gradients, each (values, rows): every row (masked channels hold 0)."""
         return {p: (self.grads[p], None) for p in self.trainable}
 
-    def set_update_rule(self, rule: UpdateRule) -> None:
-        """Hand every update from now on to `rule` (SCoTTi), bound to the channel parameters of each layer."""
-        sizes = {layer.name: layer.out_channels for layer in self.layers.values()}
-        rule.bind(self.channel_parameters(), self.freeze_scaled_parameters(), sizes)
-        self.rule = rule
-
-    def freeze_scaled_parameters(self) -> set[str]:
-        """The parameters whose update a straight-through freeze scales (SCoTTi): the conv weights."""
-        return {layer.weight for layer in self.layers.values()}
-
-    def channel_parameters(self) -> dict[str, str]:
-        """Each parameter whose rows freeze with a layer's channels -> the layer."""
-        return {param: name for name, layer in self.layers.items() for param in filter(None, (layer.weight, layer.bias))}
-
-    def _update_running_statistics(self, outputs: list[np.ndarray], batch: int) -> None:
-        for name, value in updated_running_statistics(self.manifest, outputs, batch, self.params.__getitem__):
-            np.copyto(self.params[name], value)
-
     def eval_batch(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        outputs = self._eval(images, taps=True)
+        outputs = self.evaluation.run(images, taps=True)
         return outputs[1], {layer.name: tap for layer, tap in zip(self.manifest.layers, outputs[2:])}
 
     def eval_logits(self, images: np.ndarray) -> np.ndarray:
-        return self._eval(images, taps=False)[1]
-
-    def _eval(self, images: np.ndarray, taps: bool) -> list[np.ndarray]:
-        b = self.eval_binding
-        b.bind_cpu_input(self.manifest.input.name, f32(images))
-        b.bind_cpu_input(self.manifest.label_input, np.zeros(len(images), np.int64))
-        for name in self.eval_outputs:
-            b.bind_output(name, "cpu")
-        self.eval_session.run_with_iobinding(b)
-        values = b.get_outputs()
-        return [values[i].numpy() for i in range(len(self.eval_outputs) if taps else 2)]
+        return self.evaluation.run(images, taps=False)[1]
 
     # what a step costs ---------------------------------------------------------------------
     def update_bytes(self) -> int:
@@ -224,6 +191,28 @@ class _MaskedTrainingGraph:
         self.session.run_with_iobinding(b)
         values = b.get_outputs()
         return [values[len(self.grads) + i].numpy() for i in range(2 + len(self.stat_outputs))]
+
+
+class _EvalGraph:
+    """eval_model.onnx in one InferenceSession, the backend's parameters bound in place (IOBinding)."""
+
+    def __init__(self, backend: PortableBackend):
+        self.manifest = backend.manifest
+        path = artifact_model(backend.dir, backend.manifest, "eval_model")
+        self.session = onnxruntime().InferenceSession(str(path), backend.options, providers=["CPUExecutionProvider"])
+        self.binding = backend._bind_parameters(self.session)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray, taps: bool) -> list[np.ndarray]:
+        """Loss, logits and (with `taps`) every conv's raw output."""
+        b = self.binding
+        b.bind_cpu_input(self.manifest.input.name, f32(images))
+        b.bind_cpu_input(self.manifest.label_input, np.zeros(len(images), np.int64))
+        for name in self.outputs:
+            b.bind_output(name, "cpu")
+        self.session.run_with_iobinding(b)
+        values = b.get_outputs()
+        return [values[i].numpy() for i in range(len(self.outputs) if taps else 2)]
 
 
 def check_parameters(session: InferenceSession, params: dict[str, np.ndarray], manifest: Manifest, directory: Path) -> None:

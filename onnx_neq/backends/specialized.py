@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import PORTABLE, SPECIALIZED, Grads, f32
+from onnx_neq.backends.base import PORTABLE, SPECIALIZED, f32
 from onnx_neq.backends.portable import PortableBackend
+from onnx_neq.backends.update_rules import Grads
 from onnx_neq.errors import NeqError
 from onnx_neq.graph.specialize import channel_inputs, layer_states, load_training_graph, specialize
 from onnx_neq.ort_runtime import onnxruntime

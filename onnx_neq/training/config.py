@@ -82,6 +82,11 @@ def _init_help() -> str:
     return f"First-epoch selection of the selectors that need a trained epoch first ({', '.join(rules)}) [default: {defaults}]."
 
 
+def _selector_option(default: Any, help: str, cli: str = TRAIN, **options: Any) -> Any:
+    """A setting that only some selectors read (its help starts with their names)."""
+    return setting(default, help, cli=cli, for_selectors=True, **options)
+
+
 @dataclass
 class TrainConfig:
     artifacts: str = setting(help="Training artifacts directory (from onnx-neq prepare).")
@@ -102,29 +107,14 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the validation split, the batch order and the random draws.", cli=TRAIN, minimum=0, cli_range=False)
     velocity_images: int = setting(10, "Size of the fixed velocity set, drawn from the validation split.", cli=TRAIN, minimum=1)
     mu: float = setting(0.5, "Velocity momentum.", cli=TRAIN, minimum=0, maximum=1)
-    eps: float | None = setting(
-        None,
-        "the threshold on |velocity| (scotti: its initial value, then learned; below 0 freezes nothing)"
-        " [default: 1e-3 for neq (NEq's commands), 0.05 for scotti (its authors' optimizer code)].",
-        cli=TRAIN,
-        for_selectors=True,
-    )
-    momentum: float = setting(
-        0.9, "initial momentum of its heavy-ball SGD, then learned (the authors' mu0).", cli=TRAIN, minimum=0, maximum=1, for_selectors=True
-    )
-    hyper_lr: float = setting(
-        1e-4,
-        "step of the learning rate's and momentum's own SGD, 0 to keep them fixed (the authors' 1e-4).",
-        cli=TRAIN,
-        minimum=0,
-        for_selectors=True,
-    )
-    eps_hyper_lr: float = setting(
-        1e-4, "step of the threshold's own SGD, 0 to keep it fixed (the authors' 1e-4).", cli=TRAIN, minimum=0, for_selectors=True
-    )
-    weight_decay: float = setting(
-        1e-3, "weight decay in its update, masked with the frozen rows (the authors' 1e-3).", cli=TRAIN, minimum=0, for_selectors=True
-    )
+    eps: float | None = _selector_option(
+        None, "the threshold on |velocity| (scotti: its initial value, then learned; below 0 freezes nothing) [default: 1e-3 for neq"
+        " (NEq's commands), 0.05 for scotti (its authors' optimizer code)]."
+    )  # fmt: skip
+    momentum: float = _selector_option(0.9, "initial heavy-ball momentum, then learned (the authors' 0.9).", minimum=0, maximum=1)
+    hyper_lr: float = _selector_option(1e-4, "step of the lr's and momentum's own SGD; 0 keeps them fixed (the authors' 1e-4).", minimum=0)
+    eps_hyper_lr: float = _selector_option(1e-4, "step of the threshold's own SGD; 0 keeps it fixed (the authors' 1e-4).", minimum=0)
+    weight_decay: float = _selector_option(1e-3, "weight decay in its update, masked like it (the authors' 1e-3).", minimum=0)
     su_scheme: str | None = setting(
         None, "Sparse Update scheme: 1-5 (MobileNetV2) or a JSON/YAML file [default: largest built-in within the budget].", cli=TRAIN
     )
@@ -186,20 +176,14 @@ class TrainConfig:
         cli=RECIPE,
         choices=RANK_COSTS,
     )
-    probe_batches: int = setting(
-        2, "training batches per epoch on which every channel's gradient is measured.", cli=RECIPE, minimum=1, for_selectors=True
+    probe_batches: int = _selector_option(2, "training batches per epoch on which every channel's gradient is measured.", RECIPE, minimum=1)
+    gradnorm_pool: int = _selector_option(
+        0, "draw only from the N layers of largest gradient norm per parameter (0: all).", RECIPE, minimum=0
     )
-    gradnorm_pool: int = setting(
-        0, "draw only from the N layers of largest gradient norm per parameter (0: every layer).", cli=RECIPE, minimum=0, for_selectors=True
-    )
-
-    initial_weights: str | None = setting(
-        None, "A checkpoint of the artifacts' backend to start from instead of their parameters (prune's rounds start from the last)."
-    )
+    initial_weights: str | None = setting(None, "A checkpoint to start from instead of the artifacts' parameters (prune's rounds).")
 
     def validate(self) -> None:
-        """Every setting in range, new or read back from a run's settings.json (both are untrusted):
-        NeqError naming the flag. Options that only some backends honour select such a backend."""
+        """Every setting in range (new, or read back from settings.json: untrusted); see validate()."""
         validate(self)
 
     @property
@@ -251,7 +235,7 @@ assert set(AMOUNTS) == {*COST_KINDS, SHARE}, "every cost kind needs its budget o
 
 # validation ----------------------------------------------------------------------------------------
 def validate(config: TrainConfig) -> None:
-    """See TrainConfig.validate."""
+    """Every setting in range: NeqError naming the flag. Options that only some backends honour select such a backend."""
     for s in settings_of(type(config)):
         problem = _problem(s, getattr(config, s.name))
         if problem:

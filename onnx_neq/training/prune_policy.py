@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import Grads
+from onnx_neq.backends.update_rules import Grads, attach_rule
 from onnx_neq.manifest import Manifest
 from onnx_neq.training.config import TrainConfig
 from onnx_neq.training.loop import Policy, Step, TrainingLoop
@@ -52,7 +52,7 @@ class PrunePolicy(Policy):
 
     def start(self, loop: TrainingLoop, saved: dict[str, np.ndarray]) -> None:
         super().start(loop, saved)
-        loop.session.set_update_rule(self.rule)
+        attach_rule(loop.session, self.rule)
 
     def before_step(self, step: Step) -> None:
         self.rule.lr = step.lr

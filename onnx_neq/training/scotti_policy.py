@@ -1,6 +1,6 @@
 """SCoTTi's loop policy: velocity each epoch (as SelectorPolicy measures it), an update rule every step.
 
-The rule (selection/scotti.py) takes over the backend's update (Backend.set_update_rule): every step it
+The rule (selection/scotti.py) takes over the backend's update (backends/update_rules.py): every step it
 learns the learning rate, momentum and threshold from the step's gradients and freezes the channels whose
 |velocity| falls below the threshold. This policy hands it each epoch's velocity (none in the warm-up
 epoch: every channel trains), keeps the backend's masks on the channels the next step needs, and writes
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from onnx_neq.backends.update_rules import attach_rule
 from onnx_neq.manifest import Manifest
 from onnx_neq.selection.scotti import HYPER, Scotti, ScottiSettings
 from onnx_neq.training import metrics
@@ -48,7 +49,7 @@ class ScottiPolicy(SelectorPolicy):
     def start(self, loop: TrainingLoop, saved: dict[str, np.ndarray]) -> None:
         super().start(loop, saved)
         self.count = self.count or backward_count(self.config, self.manifest)
-        loop.session.set_update_rule(self.rule)
+        attach_rule(loop.session, self.rule)
         self._recomputed = loop.session.recomputed
         rule = {k[len(RULE_PREFIX) :]: v for k, v in saved.items() if k.startswith(RULE_PREFIX)}
         if rule:
