@@ -215,27 +215,58 @@ def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | 
     images; OUT/fold.json says what was folded, skipped and why. None when no layer could go."""
     import onnx
 
-    from onnx_neq.graph.fold_layers import check_equal, fold_layers
-
     manifest = read_manifest(artifacts)
     run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
     run_config.artifacts = str(artifacts)
     session = open_backend(config.backend, artifacts, _final_checkpoint(_round_dir(out, last)), threads=config.threads)
     params = session.parameters()
-    activity = _activity(config, run_config, manifest, params)
-    weights = {name: manifest_layer(manifest, name).weight for name in activity}
-    identity = {weights[n] for n, a in activity.items() if a.identity and np.any(params[weights[n]])}
-    constant = {weights[n] for n, a in activity.items() if a.constant or not np.any(params[weights[n]])}
+    order, identity, constant = _removable(manifest, _activity(config, run_config, manifest, params), params)
     model = onnx.load(str(out / "model.onnx"))
-    folded, report = fold_layers(model, identity, constant)
-    record = {"identity": sorted(identity), "constant": sorted(constant), **asdict(report)}
-    if report.nodes_after < report.nodes_before:
-        images = load_data(run_config, manifest).train.images[:FOLD_CHECK_IMAGES]
-        record["max_abs_difference"] = check_equal(model, folded, prep(manifest, images), atol=FOLD_TOLERANCE)
+    images = prep(manifest, load_data(run_config, manifest).train.images[:FOLD_CHECK_IMAGES])
+    folded, record = _fold_checked(model, order, identity, constant, images)
+    if folded is not None:
         onnx.save(folded, str(out / ".model_folded.onnx.tmp"))
         (out / ".model_folded.onnx.tmp").replace(out / "model_folded.onnx")
     atomic_write_bytes(out / "fold.json", json.dumps(record, indent=1).encode())
-    return out / "model_folded.onnx" if report.nodes_after < report.nodes_before else None
+    return out / "model_folded.onnx" if folded is not None else None
+
+
+def _removable(manifest: Manifest, activity: dict[str, LayerActivity], params: dict) -> tuple[list[str], set[str], set[str]]:
+    """(conv weights in layer order, those whose activation is the identity, those whose output is constant)."""
+    weights = {name: manifest_layer(manifest, name).weight for name in activity}
+    # a residual pair's activation reads the sum with the shortcut: ON or OFF there says nothing of the conv alone
+    alone = {n: a for n, a in activity.items() if not a.pairing.residual}
+    identity = {weights[n] for n, a in alone.items() if a.identity and np.any(params[weights[n]])}
+    constant = {weights[n] for n, a in alone.items() if a.constant} | {w for w in weights.values() if not np.any(params[w])}
+    return [layer.weight for layer in manifest.layers], identity, constant
+
+
+def _fold_checked(model, order: list[str], identity: set[str], constant: set[str], images: np.ndarray) -> tuple[object, dict]:
+    """The model with the layers folded whose folding keeps its outputs on `images` (all at once where that holds,
+    else one at a time in layer order, each kept only if the outputs stay within FOLD_TOLERANCE), and the record."""
+    from onnx_neq.graph.fold_layers import check_equal, fold_layers
+
+    def attempt(ids: set[str], consts: set[str]):
+        folded, report = fold_layers(model, ids, consts)
+        try:
+            return folded, report, check_equal(model, folded, images, atol=FOLD_TOLERANCE)
+        except NeqError:
+            return None, report, None
+
+    refused: dict[str, str] = {}
+    folded, report, diff = attempt(identity, constant)
+    if folded is None:
+        ids, consts = set(), set()
+        for w in (w for w in order if w in identity | constant):
+            trial = (ids | ({w} & identity), consts | ({w} & constant))
+            if attempt(*trial)[0] is not None:
+                ids, consts = trial
+            else:
+                refused[w] = "folding it with the layers before it changed the model's outputs on the training images"
+        folded, report, diff = attempt(ids, consts)
+    record = {"identity": sorted(identity), "constant": sorted(constant), **asdict(report), "refused": refused}
+    record["max_abs_difference"] = diff
+    return (folded if report.nodes_after < report.nodes_before else None), record
 
 
 def _read_rounds(out: Path) -> list[dict]:
