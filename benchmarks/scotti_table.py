@@ -6,7 +6,8 @@ Per data set and method: backward FLOPs saved (metrics.csv flops_saved, mean ove
 warm-up), the measured step on the specialised backend (step_ms, same epochs) as a ratio to full fine-tuning
 of the same seed (the runs of one seed ran one after the other, so the ratio is measured in one stretch),
 and test top-1 at the best validation epoch; each a mean with the half-width of its 95% Student-t interval
-over seeds.
+over seeds. A run that diverged stops early (`diverged`); its figures are those of the epochs before, and its
+test top-1 that of the model it kept (its best validation epoch before the divergence).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def table(run_dirs: list[Path]) -> str:
             "saved": _after_warmup(path, metrics.FLOPS_SAVED),
             "step": _after_warmup(path, metrics.STEP_MS),
             "top1": s.test_at_best_val,
+            "stopped": len(RunDir(path).metrics()) < int(RunDir(path).settings()["config"]["epochs"]),
         }
     lines = [
-        "| data | method | backward FLOPs saved (%) | step ms | step / full (same seed) | test top-1 (%) | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| data | method | backward FLOPs saved (%) | step ms | step / full (same seed) | test top-1 (%) | seeds | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for data in sorted({d for d, _ in cells}):
         full = cells.get((data, FULL), {})
@@ -71,7 +73,8 @@ def table(run_dirs: list[Path]) -> str:
             ratios = [runs[k]["step"] / full[k]["step"] for k in seeds if k in full]
             lines.append(
                 f"| {data} | {label} | {_cell([runs[k]['saved'] for k in seeds], 100)} | {_cell([runs[k]['step'] for k in seeds])}"
-                f" | {_cell(ratios, 1, 2) if ratios else ''} | {_cell([runs[k]['top1'] for k in seeds], 100, 2)} | {len(seeds)} |"
+                f" | {_cell(ratios, 1, 2) if ratios else ''} | {_cell([runs[k]['top1'] for k in seeds], 100, 2)} | {len(seeds)}"
+                f" | {sum(runs[k]['stopped'] for k in seeds)} |"
             )
     return "\n".join(lines)
 

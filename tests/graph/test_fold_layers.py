@@ -291,6 +291,68 @@ def test_an_off_layer_without_activation_is_skipped(tmp_path):
     assert _ops(folded) == _ops(model)
 
 
+class Block(nn.Module):
+    """A ResNet basic block: conv1 + bn1 + relu, conv2 + bn2, + the input (or its 1x1 strided downsample), relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride > 1 else None
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    """Stem conv + bn + relu, a block, a block with a downsample shortcut, global mean, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.layer1, self.layer2 = Block(8, 8, 1), Block(8, 16, 2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(self.layer2(self.layer1(x)).mean(dim=(2, 3)))
+
+
+def test_zero_layers_of_a_pruned_resnet_fold_together_within_float32_rounding(tmp_path):
+    """What pruning leaves: all-zero convs (the stem's and a downsample block's) and tiny running variances, so
+    BatchNorm scales ~300 and logits ~1e6 (ResNet-18's: ~6e7). Folded, ORT fuses the graph otherwise (the block's
+    zero branch, a [1, C, 1, 1] constant, goes into the shortcut conv's bias) and float32 rounds otherwise: ulps
+    of the logits, above any absolute tolerance. check_equal allows that much relative to them, not a wrong claim."""
+    from onnx_neq.backends.base import open_backend
+    from onnx_neq.export import export_module
+    from onnx_neq.graph.prepare import prepare
+
+    module = _built(ResNet())
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(1e-6, 1e-5)
+            if isinstance(m, nn.Conv2d) and name in ("stem", "layer2.conv1", "layer2.conv2"):
+                m.weight.zero_()
+    x = _images(8)
+    export_module(module, tmp_path / "net.onnx", 8, bn="frozen")
+    prepare(tmp_path / "net.onnx", tmp_path / "art")
+    open_backend("portable", tmp_path / "art").export_inference(tmp_path / "inference.onnx")
+    model = onnx.load(str(tmp_path / "inference.onnx"))
+    zero = ["stem.weight", "layer2.conv1.weight", "layer2.conv2.weight"]
+    folded, report = fold_layers(model, set(), set(zero))
+    assert report.constant == zero and not report.dead and not report.skipped
+    assert _ops(folded).count("Conv") == 3  # layer1's and the downsample's
+    want, got = run_ort(model, {"input": x})[0], run_ort(folded, {"input": x})[0]
+    scale = float(np.abs(want).max())
+    assert scale > 1e4 and np.abs(got - want).max() <= ATOL * scale
+    assert check_equal(model, folded, x) <= ATOL * scale
+    wrong, _ = fold_layers(model, set(), {"layer1.conv1.weight"})  # its ReLU is not OFF on these images
+    with pytest.raises(NeqError, match="not constant"):
+        check_equal(model, wrong, x)
+
+
 # the decomposed BatchNorm and Clip ------------------------------------------------------------------------------
 
 
