@@ -22,6 +22,7 @@ LAYER = {
     "backends": 2,
     "training": 3,
     "results": 4,
+    "fleet": 4,
     "export": 4,
     "cli": 5,
 }
