@@ -40,14 +40,18 @@ def accuracy_table(folders: list[Path]) -> str:
         model, method, _ = re.fullmatch(r"(.+)-(egp|magnitude)-seed(\d+)", folder.name).groups()
         for row in _rows(folder):
             cells[(model, method, int(row["round"]))].append(row)
-    lines = ["| model | method | sparsity | removable layers | test top-1 (%) | seeds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | round: target sparsity | reached | removable layers | test top-1 (%) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (model, method, r), rows in sorted(cells.items()):
         if r not in ROUNDS:
             continue
         removable = [int(x["identity_layers"]) + int(x["constant_layers"]) for x in rows]
         top1 = [float(x["test_top1"]) for x in rows]
-        sparsity = f"{float(rows[0]['sparsity']):.1%}" if r else "dense"
-        lines.append(f"| {model} | {method} | {sparsity} | {_cell(removable)} | {_cell(top1, 100, 2)} | {len(rows)} |")
+        target = f"{r}: {float(rows[0]['target_sparsity']):.1%}" if r else "0: dense"
+        reached = _cell([float(x["sparsity"]) for x in rows], 100, 1)
+        lines.append(f"| {model} | {method} | {target} | {reached} | {_cell(removable)} | {_cell(top1, 100, 2)} | {len(rows)} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ class ModelFacts:
     nonzero: int
     params: int
     file_bytes: int
+    macs: int  # conv and Gemm multiply-accumulates per image, every weight
+    nonzero_macs: int  # the same over the non-zero weights only: what a kernel that skips zeros would compute
     latency_ms: float = float("nan")
 
 
@@ -35,7 +37,26 @@ def model_facts(name: str, path: Path) -> ModelFacts:
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
     nonzero, total = sum(int(np.count_nonzero(a)) for a in arrays), sum(a.size for a in arrays)
-    return ModelFacts(name, convs, len(model.graph.node), nonzero, total, path.stat().st_size)
+    macs, nonzero_macs = _macs(model)
+    return ModelFacts(name, convs, len(model.graph.node), nonzero, total, path.stat().st_size, macs, nonzero_macs)
+
+
+def _macs(model: onnx.ModelProto) -> tuple[int, int]:
+    """(MACs, MACs of the non-zero weights) per image of the Conv and Gemm nodes: each weight is used once per output
+    position (a Conv's output H x W, a Gemm's once); outputs without a static shape count one position."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    macs = nonzero = 0
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
+        if w is None:
+            continue
+        out = dims.get(node.output[0], [])
+        positions = int(np.prod([d for d in out[2:] if d > 0])) if node.op_type == "Conv" else 1
+        macs += w.size * positions
+        nonzero += int(np.count_nonzero(w)) * positions
+    return macs, nonzero
 
 
 def compare_models(models: dict[str, Path], repeats: int = 200, threads: int = 1) -> list[ModelFacts]:

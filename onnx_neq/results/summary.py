@@ -105,9 +105,10 @@ def prune_summary(result) -> str:
     if result.folded is not None:
         models["pruned, layers folded"], top1["pruned, layers folded"] = result.folded, result.folded_top1
     facts = [
-        (f.name, f.conv_layers, f.nodes, f.nonzero, f"{f.file_bytes / 1e6:.2f} MB", f"{f.latency_ms:.3f}", f"{float(top1[f.name]):.2%}")
+        (f.name, f.conv_layers, f.nodes, f.nonzero, f"{f.file_bytes / 1e6:.2f} MB", f"{f.macs / 1e6:.1f}M", f"{f.nonzero_macs / 1e6:.1f}M",
+         f"{f.latency_ms:.3f}", f"{float(top1[f.name]):.2%}")
         for f in compare_models(models)
-    ]
+    ]  # fmt: skip
     last = result.rows[-1]
     short = float(last["sparsity"]) < float(last["target_sparsity"]) - 1e-3
     note = ["the target was not reached: every prunable layer left has zero entropy (always ON or OFF) or no weight left", ""]
@@ -115,10 +116,10 @@ def prune_summary(result) -> str:
         [
             table(rounds, ("round", "target", "sparsity", "non-zero", "identity layers", "constant layers", "test top-1")),
             *(note if short else [""]),
-            table(facts, ("model", "convs", "nodes", "non-zero params", "file", "latency ms", "test top-1")),
+            table(facts, ("model", "convs", "nodes", "non-zero params", "file", "MACs", "non-zero MACs", "latency ms", "test top-1")),
             "",
             "latency: median of 200 single-image runs, the models interleaved, one thread; onnxruntime's dense kernels"
-            " do not skip zero weights, so sparsity alone does not shorten it",
+            " do not skip zero weights, so sparsity alone does not shorten it (non-zero MACs: what a sparse kernel would compute)",
             f"wrote {result.out}/ (rounds.csv, round_*/, model.onnx{', model_folded.onnx' if result.folded else ''}, fold.json)",
         ]
     )
