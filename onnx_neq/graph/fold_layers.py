@@ -1,8 +1,9 @@
-"""Fold the conv layers whose activation is the identity or a constant on the data out of an inference model.
+"""Fold the conv layers whose activation is the identity or a constant on the data out of an inference model,
+and the single channels that are always OFF on it.
 
 `onnx-neq prune` measures, per conv layer, whether the activation after it is ON for every training image
-(then it is the identity on the data) or OFF for every image (then its output is a constant). A layer is named
-by its conv weight's initializer and is the chain
+(then it is the identity on the data) or OFF for every image (then its output is a constant), and which of its
+channels are OFF for every image. A layer is named by its conv weight's initializer and is the chain
 
     Conv(X, W[, b]) -> per-channel affine ops -> activation
 
@@ -37,12 +38,23 @@ identity  (ON on all the data) the layer merges with the Conv that reads its out
           is not a linear map of the input; without, the kernel would grow), a strided or padded 1x1 conv2,
           grouped / depthwise convs (the merge would be a dense conv, larger than the two), several consumers,
           a consumer that is not a Conv, a weight shared by several nodes.
+off channels  (`off_channels`: per layer, the channels whose Relu or Clip(0, hi) outputs 0 on all the data)
+          those channels go from the layer and from the Conv that reads its output, which must be that output's
+          only consumer; both convs group 1. The affine map is folded into conv1 (W1' = a * W1, b1' = a * b1 + c,
+          the affine ops go), then the channels' rows of W1' and b1' and their input channels (axis 1) of W2 are
+          removed; the value_info shapes of conv1's and the activation's outputs get the new channel count.
+          Exact whatever conv2's padding: the channels are 0 everywhere, at the border as inside.
+          Skipped: every channel OFF (that is a constant layer), an activation whose OFF value is not 0 (none,
+          LeakyRelu, a Clip with another lower bound), grouped / depthwise convs on either side, several
+          consumers or one that is not a Conv, a layer also listed as identity or constant (its whole-layer
+          fold was skipped then: the layer is kept whole; one folded away is not looked at).
 
-Identity layers are folded first, in graph order, then the constant ones; after each fold the nodes and
-initializers nothing needs any more are removed. A layer whose output fed only layers that became constants
-is removed with them (FoldReport.dead). Folding needs no data: `check_equal` compares the original and the
-folded model with onnxruntime on the caller's data, which is what makes the claims about the activations good
-(within float32 rounding, relative to the outputs' magnitude: ORT optimizes the two graphs differently).
+Identity layers are folded first, in graph order, then the constant ones, then the OFF channels of the layers
+left (FoldReport.dropped_channels), in graph order; after each fold the nodes and initializers nothing needs any
+more are removed. A layer whose output fed only layers that became constants is removed with them
+(FoldReport.dead). Folding needs no data: `check_equal` compares the original and the folded model with
+onnxruntime on the caller's data, which is what makes the claims about the activations good (within float32
+rounding, relative to the outputs' magnitude: ORT optimizes the two graphs differently).
 """
 
 from __future__ import annotations
@@ -72,6 +84,7 @@ class FoldReport:
     params_before: int  # elements of float initializers
     params_after: int
     dead: list[str] = field(default_factory=list)  # conv weights of layers removed because only constants read them
+    dropped_channels: dict[str, int] = field(default_factory=dict)  # conv weight -> always-OFF channels removed
 
 
 @dataclass
@@ -84,13 +97,17 @@ class _Layer:
     output: str  # the activation's output, or the last affine op's (the conv's) without activation
 
 
-def fold_layers(model: onnx.ModelProto, identity: set[str], constant: set[str]) -> tuple[onnx.ModelProto, FoldReport]:
-    """A copy of `model` with the `identity` layers merged into the conv after them and the `constant` layers
-    replaced by their constant output (layers named by conv weight), and a report. See the module docstring."""
+def fold_layers(
+    model: onnx.ModelProto, identity: set[str], constant: set[str], off_channels: dict[str, np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """A copy of `model` with the `identity` layers merged into the conv after them, the `constant` layers
+    replaced by their constant output and the channels `off_channels` marks True (always OFF) removed from the
+    other layers (layers named by conv weight), and a report. See the module docstring."""
     folded_model = onnx.ModelProto()
     folded_model.CopyFrom(model)
     g = _Graph(folded_model)
-    _check_names(g, identity, constant)
+    _check_names(g, identity, constant, set(off_channels or {}))
+    off = _off_masks(g, off_channels or {})
     shapes = _static_shapes(model)
     weights_before = set(g.conv_weights())
     nodes_before, params_before = len(model.graph.node), _params(model)
@@ -100,6 +117,16 @@ def fold_layers(model: onnx.ModelProto, identity: set[str], constant: set[str]) 
     for weight in g.in_graph_order(constant):
         if weight in g.conv_weights():  # else removed as dead with a layer folded before it
             _record(report, weight, "constant", _replace_by_constant(g, weight, shapes))
+    for weight in g.in_graph_order(set(off)):
+        if weight in set(identity) | set(constant):  # its whole-layer fold was skipped (else it is gone): it stays whole
+            why = report.skipped.get(weight, "not folded")
+            report.skipped[weight] = f"{why}; its OFF channels are kept too: the layer is listed as identity or constant"
+            continue
+        dropped = _drop_channels(g, weight, off[weight])
+        if isinstance(dropped, str):
+            report.skipped[weight] = dropped
+        else:
+            report.dropped_channels[weight] = dropped
     gone = weights_before - set(g.conv_weights()) - set(report.folded) - set(report.constant)
     report.dead = sorted(gone)
     for weight in report.dead:
@@ -115,13 +142,13 @@ def _record(report: FoldReport, weight: str, kind: str, reason: str | None) -> N
         report.skipped[weight] = reason
 
 
-def _check_names(g: _Graph, identity: set[str], constant: set[str]) -> None:
+def _check_names(g: _Graph, identity: set[str], constant: set[str], off: set[str]) -> None:
     both = sorted(set(identity) & set(constant))
     if both:
         raise NeqError(
             f"layers {both[:3]} are listed both as identity and as constant; an activation is either ON or OFF, pass each layer once"
         )
-    unknown = sorted((set(identity) | set(constant)) - set(g.conv_weights()))
+    unknown = sorted((set(identity) | set(constant) | off) - set(g.conv_weights()))
     if unknown:
         raise NeqError(
             f"{unknown[:3]} name no Conv weight of the model ({len(unknown)} unknown); "
@@ -129,10 +156,25 @@ def _check_names(g: _Graph, identity: set[str], constant: set[str]) -> None:
         )
 
 
+def _off_masks(g: _Graph, off_channels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The masks of `off_channels` that mark a channel, checked: a bool vector over the conv's output channels."""
+    masks = {}
+    for weight, mask in off_channels.items():
+        mask, channels = np.asarray(mask), g.inits[weight].dims[0]
+        if mask.dtype != bool or mask.shape != (channels,):
+            raise NeqError(
+                f"off_channels[{weight!r}] is a {mask.dtype} array of shape {list(mask.shape)}; "
+                f"pass a bool array over the conv's {channels} output channels, True where the activation is always OFF"
+            )
+        if mask.any():
+            masks[weight] = mask
+    return masks
+
+
 def check_equal(original: onnx.ModelProto, folded: onnx.ModelProto, inputs: np.ndarray, atol: float = 1e-5, rtol: float = 1e-5) -> float:
     """The max |difference| over all outputs of the two models on `inputs` (onnxruntime, CPU); raises NeqError
     where an output differs by more than atol + rtol * its largest |value| in the original: then a layer claimed
-    identity (constant) is not the identity (constant) on these inputs.
+    identity (constant) is not the identity (constant) on these inputs, or a channel claimed OFF is not OFF.
 
     The rtol term is float32 rounding. ORT fuses the folded graph otherwise than the original (a constant added to
     a map goes into the conv's bias that computes it, a merged conv sums in another order), which moves each output
@@ -157,7 +199,7 @@ def check_equal(original: onnx.ModelProto, folded: onnx.ModelProto, inputs: np.n
         raise NeqError(
             f"the folded model's output {over[0]} differs from the original's by {over[1]:.3g} (> {atol:g} + {rtol:g} * its largest "
             f"|value| = {over[2]:.3g}) on these inputs: a layer passed as identity is not the identity on them (or one passed as "
-            "constant is not constant); measure the activations on these inputs"
+            "constant is not constant, or a channel passed as OFF is not OFF); measure the activations on these inputs"
         )
     return diff
 
@@ -465,17 +507,10 @@ def _merge_into_next(g: _Graph, weight: str, shapes: dict) -> str | None:
     layer = _find_layer(g, weight)
     if isinstance(layer, str):
         return layer
-    users = g.consumers.get(layer.output, [])
-    if layer.output in g.outputs:
-        return "its output is a graph output"
-    if len(users) != 1:
-        return f"its output has {len(users)} consumers ({', '.join(sorted({u.op_type for u in users}))}): merging into one would change the others"
-    nxt = users[0]
-    if not _is_conv(nxt) or nxt.input[0] != layer.output or layer.output in nxt.input[1:]:
-        return f"its output goes to a {nxt.op_type} node, not into a Conv's input (activations folded: {', '.join(ACTIVATIONS)})"
+    nxt = _next_conv(g, layer, "merging into one")
+    if isinstance(nxt, str):
+        return nxt
     w2 = g.const(nxt.input[1])
-    if w2 is None or nxt.input[1] not in g.inits or g.uses(nxt.input[1]) != 1:
-        return "the next conv's weight is not an initializer of its own"
     groups = (_attr(layer.conv, "group", 1), _attr(nxt, "group", 1))
     if groups != (1, 1):
         return f"grouped conv (group {groups[0]} then {groups[1]}): the merge would be a dense conv, larger than the two"
@@ -494,6 +529,22 @@ def _merge_into_next(g: _Graph, weight: str, shapes: dict) -> str | None:
     dtype = _dtype(g, nxt.input[1])
     _replace_conv(g, layer.conv, nxt, w.astype(dtype), b.astype(dtype))
     return None
+
+
+def _next_conv(g: _Graph, layer: _Layer, change: str) -> onnx.NodeProto | str:
+    """The Conv that alone reads the layer's output, as its data input, with a weight initializer of its own;
+    else why there is none (`change`: what a fold would do to one consumer, for the message)."""
+    users = g.consumers.get(layer.output, [])
+    if layer.output in g.outputs:
+        return "its output is a graph output"
+    if len(users) != 1:
+        return f"its output has {len(users)} consumers ({', '.join(sorted({u.op_type for u in users}))}): {change} would change the others"
+    nxt = users[0]
+    if not _is_conv(nxt) or nxt.input[0] != layer.output or layer.output in nxt.input[1:]:
+        return f"its output goes to a {nxt.op_type} node, not into a Conv's input (activations folded: {', '.join(ACTIVATIONS)})"
+    if nxt.input[1] not in g.inits or g.uses(nxt.input[1]) != 1 or g.const(nxt.input[1]) is None:
+        return "the next conv's weight is not an initializer of its own"
+    return nxt
 
 
 def _dtype(g: _Graph, name: str) -> np.dtype:
@@ -534,7 +585,7 @@ def _replace_conv(g: _Graph, conv1: onnx.NodeProto, conv2: onnx.NodeProto, w: np
     """Conv2 becomes Conv(conv1's input, w, b) with conv1's attributes, under conv2's names; dead nodes go."""
     weight = conv2.input[1]
     bias = conv2.input[2] if len(conv2.input) > 2 and conv2.input[2] and g.uses(conv2.input[2]) == 1 else None
-    bias = bias or g.fresh_name(weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else weight + ".bias")
+    bias = bias or g.fresh_name(_bias_name(weight))
     g.set_initializer(weight, w)
     g.set_initializer(bias, b)
     merged = helper.make_node("Conv", [conv1.input[0], weight, bias], list(conv2.output), name=conv2.name or None)
@@ -542,6 +593,10 @@ def _replace_conv(g: _Graph, conv1: onnx.NodeProto, conv2: onnx.NodeProto, w: np
     merged.attribute.append(helper.make_attribute("kernel_shape", list(w.shape[2:])))
     conv2.CopyFrom(merged)
     g.prune()
+
+
+def _bias_name(weight: str) -> str:
+    return weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else weight + ".bias"
 
 
 # constant: replace the output -----------------------------------------------------------------------------------
@@ -641,3 +696,64 @@ def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]  # detached from the old container
     del graph.node[:]
     graph.node.extend(copies)
+
+
+# off channels: remove them ----------------------------------------------------------------------------------------
+
+
+def _drop_channels(g: _Graph, weight: str, off: np.ndarray) -> int | str:
+    """Remove the `off` output channels of the layer of `weight` (its affine map folded into its conv first) and
+    the matching input channels of the conv after it; how many went, or why it cannot be done exactly."""
+    layer = _find_layer(g, weight)
+    if isinstance(layer, str):
+        return layer
+    nxt = _drop_target(g, layer, off)
+    if isinstance(nxt, str):
+        return nxt
+    conv, keep = layer.conv, ~off
+    w1, b1 = _folded_conv1(g, layer)
+    w2, w2_name = g.const(nxt.input[1]), nxt.input[1]
+    old_bias = conv.input[2] if len(conv.input) > 2 else ""
+    bias = old_bias if old_bias in g.inits and g.uses(old_bias) == 1 else g.fresh_name(_bias_name(weight))
+    g.set_initializer(weight, w1[keep].astype(_dtype(g, weight)))
+    g.set_initializer(bias, b1[keep].astype(_dtype(g, weight)))
+    g.set_initializer(w2_name, w2[:, keep].astype(_dtype(g, w2_name)))
+    del conv.input[2:]
+    conv.input.append(bias)
+    layer.act.input[0] = conv.output[0]  # the affine ops, folded into the conv, are left without a reader
+    _set_channels(g.graph, {conv.output[0], layer.output}, int(keep.sum()))
+    g.prune()
+    return int(off.sum())
+
+
+def _drop_target(g: _Graph, layer: _Layer, off: np.ndarray) -> onnx.NodeProto | str:
+    """The conv after the layer whose input channels go with the layer's `off` channels; else why none can go."""
+    if off.all():
+        return "every channel is OFF: the layer is a constant (pass it in `constant`)"
+    act = layer.act
+    if act is None:
+        return "no Relu / Clip after the conv: no channel of it is OFF"
+    if act.op_type == "LeakyRelu":
+        return "an OFF LeakyRelu is a slope (alpha * x), not 0: its channels do not vanish"
+    lo = 0.0 if act.op_type == "Relu" else _clip_bounds(g, act)[0]
+    if lo != 0.0:
+        return f"its Clip's lower bound is {lo:g}, not 0: an OFF channel is {lo:g}, not 0 (the next conv's zero padding differs)"
+    bias = layer.conv.input[2] if len(layer.conv.input) > 2 else ""
+    if bias and g.const(bias) is None:
+        return "its conv's bias is not a constant"
+    nxt = _next_conv(g, layer, "dropping channels for one")
+    if isinstance(nxt, str):
+        return nxt
+    groups = (_attr(layer.conv, "group", 1), _attr(nxt, "group", 1))
+    if groups != (1, 1):
+        return f"grouped conv (group {groups[0]} then {groups[1]}): a channel cannot go from its group alone"
+    return nxt
+
+
+def _set_channels(graph: onnx.GraphProto, names: set[str], channels: int) -> None:
+    """The channel dim (1) of the value_info shapes of `names` set to `channels`."""
+    for value in graph.value_info:
+        dims = value.type.tensor_type.shape.dim if value.name in names and value.type.HasField("tensor_type") else []
+        if len(dims) > 1:
+            dims[1].Clear()
+            dims[1].dim_value = channels

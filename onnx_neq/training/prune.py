@@ -220,10 +220,10 @@ def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | 
     run_config.artifacts = str(artifacts)
     session = open_backend(config.backend, artifacts, _final_checkpoint(_round_dir(out, last)), threads=config.threads)
     params = session.parameters()
-    order, identity, constant = _removable(manifest, _activity(config, run_config, manifest, params), params)
+    order, identity, constant, off = _removable(manifest, _activity(config, run_config, manifest, params), params)
     model = onnx.load(str(out / "model.onnx"))
     images = prep(manifest, load_data(run_config, manifest).train.images[:FOLD_CHECK_IMAGES])
-    folded, record = _fold_checked(model, order, identity, constant, images)
+    folded, record = _fold_checked(model, order, (identity, constant, off), images)
     if folded is not None:
         onnx.save(folded, str(out / ".model_folded.onnx.tmp"))
         (out / ".model_folded.onnx.tmp").replace(out / "model_folded.onnx")
@@ -231,42 +231,50 @@ def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | 
     return out / "model_folded.onnx" if folded is not None else None
 
 
-def _removable(manifest: Manifest, activity: dict[str, LayerActivity], params: dict) -> tuple[list[str], set[str], set[str]]:
-    """(conv weights in layer order, those whose activation is the identity, those whose output is constant)."""
+def _removable(manifest: Manifest, activity: dict[str, LayerActivity], params: dict) -> tuple[list[str], set[str], set[str], dict]:
+    """(conv weights in layer order, those whose activation is the identity, those whose output is constant, and per
+    conv weight its channels whose activation outputs 0 on all the data: ReLU or Clip from 0, input always <= 0)."""
     weights = {name: manifest_layer(manifest, name).weight for name in activity}
     # a residual pair's activation reads the sum with the shortcut: ON or OFF there says nothing of the conv alone
     alone = {n: a for n, a in activity.items() if not a.pairing.residual}
     identity = {weights[n] for n, a in alone.items() if a.identity and np.any(params[weights[n]])}
     constant = {weights[n] for n, a in alone.items() if a.constant} | {w for w in weights.values() if not np.any(params[w])}
-    return [layer.weight for layer in manifest.layers], identity, constant
+    off = {
+        weights[n]: a.always_below for n, a in alone.items() if a.pairing.low == 0 and a.always_below is not None and a.always_below.any()
+    }
+    return [layer.weight for layer in manifest.layers], identity, constant, off
 
 
-def _fold_checked(model, order: list[str], identity: set[str], constant: set[str], images: np.ndarray) -> tuple[object, dict]:
-    """The model with the layers folded whose folding keeps its outputs on `images` (all at once where that holds,
-    else one at a time in layer order, each kept only if the outputs stay within FOLD_TOLERANCE), and the record."""
+def _fold_checked(model, order: list[str], claims: tuple[set[str], set[str], dict], images: np.ndarray) -> tuple[object, dict]:
+    """The model with the layers folded (and OFF channels dropped) whose folding keeps its outputs on `images`: all at
+    once where that holds, else one layer at a time in layer order, each kept only if the outputs stay within
+    FOLD_TOLERANCE; and the record for fold.json. `claims`: identity layers, constant layers, OFF channels."""
     from onnx_neq.graph.fold_layers import check_equal, fold_layers
 
-    def attempt(ids: set[str], consts: set[str]):
-        folded, report = fold_layers(model, ids, consts)
+    identity, constant, off = claims
+
+    def attempt(ids: set[str], consts: set[str], offs: dict):
+        folded, report = fold_layers(model, ids, consts, offs)
         try:
             return folded, report, check_equal(model, folded, images, atol=FOLD_TOLERANCE)
         except NeqError:
             return None, report, None
 
     refused: dict[str, str] = {}
-    folded, report, diff = attempt(identity, constant)
+    folded, report, diff = attempt(identity, constant, off)
     if folded is None:
-        ids, consts = set(), set()
-        for w in (w for w in order if w in identity | constant):
-            trial = (ids | ({w} & identity), consts | ({w} & constant))
+        ids, consts, offs = set(), set(), {}
+        for w in (w for w in order if w in identity | constant | set(off)):
+            trial = (ids | ({w} & identity), consts | ({w} & constant), {**offs, **({w: off[w]} if w in off else {})})
             if attempt(*trial)[0] is not None:
-                ids, consts = trial
+                ids, consts, offs = trial
             else:
                 refused[w] = "folding it with the layers before it changed the model's outputs on the training images"
-        folded, report, diff = attempt(ids, consts)
-    record = {"identity": sorted(identity), "constant": sorted(constant), **asdict(report), "refused": refused}
-    record["max_abs_difference"] = diff
-    return (folded if report.nodes_after < report.nodes_before else None), record
+        folded, report, diff = attempt(ids, consts, offs)
+    record = {"identity": sorted(identity), "constant": sorted(constant), "off_channels": {w: int(m.sum()) for w, m in off.items()}}
+    record.update({**asdict(report), "refused": refused, "max_abs_difference": diff})
+    smaller = report.nodes_after < report.nodes_before or report.params_after < report.params_before
+    return (folded if smaller else None), record
 
 
 def _read_rounds(out: Path) -> list[dict]:

@@ -416,3 +416,129 @@ def test_unknown_or_doubly_listed_layers_are_refused(tmp_path):
         fold_layers(model, {"conv9.weight"}, set())
     with pytest.raises(NeqError, match="both as identity and as constant"):
         fold_layers(model, {"conv0.weight"}, {"conv0.weight"})
+
+
+# always-OFF channels --------------------------------------------------------------------------------------------
+
+
+def _off_biases(module: nn.Module, off: dict[str, list[int]]) -> nn.Module:
+    """`module` with the BatchNorm biases of the given channels at -50 (their activation OFF on any image), of
+    the others at 1 (ON on some pixels)."""
+    with torch.no_grad():
+        for bn, channels in off.items():
+            getattr(module, bn).bias.fill_(1.0)
+            getattr(module, bn).bias[channels] = -50.0
+    return module
+
+
+def _always_off(module: nn.Module, bn: str, x: np.ndarray) -> np.ndarray:
+    """The channels whose activation after BatchNorm `bn` reads <= 0 on every image of `x` (what the caller measures)."""
+    return np.all(_pre_activation(module, bn, x) <= 0, axis=(0, 2, 3))
+
+
+def _macs(model: onnx.ModelProto, tmp_path) -> int:
+    from onnx_neq.results.model_compare import model_facts
+
+    onnx.save(model, str(tmp_path / "macs.onnx"))
+    return model_facts("model", tmp_path / "macs.onnx").macs
+
+
+def test_off_channels_before_a_padded_3x3_conv_are_dropped(tmp_path):
+    module = _off_biases(_built(Stack([(8, 3, 1, 1), (8, 3, 1, 1), (6, 3, 1, 1)])), {"bn0": [1, 4, 6], "bn1": [0, 3], "bn2": [2]})
+    x = _images(8)
+    off = {f"conv{i}.weight": _always_off(module, f"bn{i}", x) for i in range(3)}
+    assert [list(np.flatnonzero(m)) for m in off.values()] == [[1, 4, 6], [0, 3], [2]]  # the others are ON somewhere
+    model = onnx.shape_inference.infer_shapes(_inference(module, tmp_path, 8))  # value_info to keep consistent
+    assert model.graph.value_info
+    folded, report = fold_layers(model, set(), set(), off)
+    assert report.dropped_channels == {"conv0.weight": 3, "conv1.weight": 2} and not report.folded and not report.constant
+    assert "ReduceMean" in report.skipped["conv2.weight"]  # no conv after it to take its channels
+    assert _initializer(folded, "conv0.weight").shape == (5, 3, 3, 3)
+    assert _initializer(folded, "conv1.weight").shape == (6, 5, 3, 3)  # rows of conv1's, input channels of conv0's gone
+    assert _initializer(folded, "conv2.weight").shape == (6, 6, 3, 3)
+    assert _ops(folded).count("BatchNormalization") == 1  # folded into the two convs, conv2's kept
+    assert report.params_after < report.params_before and _macs(folded, tmp_path) < _macs(model, tmp_path)
+    _assert_same_outputs(model, folded, x)
+    assert check_equal(model, folded, x) <= ATOL
+    assert check_equal(model, folded, _images(8, 3)[:, ::-1].copy()) <= ATOL  # other images: bias -50 keeps them OFF
+
+
+class MobileExpand(nn.Module):
+    """ReLU6 activations: stem 3x3, a 3x3 conv, expand 1x1, depthwise 3x3, project 1x1 (linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv, self.bn1 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.expand, self.bn2 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.dw, self.bn3 = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.project, self.bn4 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        for conv, bn in (("stem", "bn0"), ("conv", "bn1"), ("expand", "bn2"), ("dw", "bn3")):
+            x = nn.functional.relu6(getattr(self, bn)(getattr(self, conv)(x)))
+        return self.fc(self.bn4(self.project(x)).mean(dim=(2, 3)))
+
+
+def test_relu6_off_channels_drop_before_a_dense_conv_not_around_a_depthwise_one(tmp_path):
+    from onnx_neq.backends.base import open_backend
+    from onnx_neq.export import export_module
+    from onnx_neq.graph.prepare import prepare
+
+    module = _off_biases(_built(MobileExpand()), {"bn0": [2, 5], "bn2": [3, 7, 11], "bn3": [0]})
+    x = _images(8)
+    off = {f"{conv}.weight": _always_off(module, bn, x) for conv, bn in (("stem", "bn0"), ("expand", "bn2"), ("dw", "bn3"))}
+    assert [int(m.sum()) for m in off.values()] == [2, 3, 1]
+    export_module(module, tmp_path / "block.onnx", 8, bn="frozen")
+    prepare(tmp_path / "block.onnx", tmp_path / "art")
+    open_backend("portable", tmp_path / "art").export_inference(tmp_path / "inference.onnx")
+    model = onnx.load(str(tmp_path / "inference.onnx"))
+    assert "BatchNormalization" not in _ops(model) and _ops(model).count("Clip") == 4  # the decomposed affine form
+    folded, report = fold_layers(model, set(), set(), off)
+    assert report.dropped_channels == {"stem.weight": 2}
+    assert "grouped" in report.skipped["expand.weight"]  # the depthwise conv reads it
+    assert "grouped" in report.skipped["dw.weight"]  # it is the depthwise conv
+    assert _initializer(folded, "stem.weight").shape == (6, 3, 3, 3) and _initializer(folded, "conv.weight").shape == (8, 6, 3, 3)
+    assert _ops(folded).count("Clip") == 4 and report.nodes_after < report.nodes_before
+    assert report.params_after < report.params_before and _macs(folded, tmp_path) < _macs(model, tmp_path)
+    _assert_same_outputs(model, folded, x)
+    assert check_equal(model, folded, x) <= ATOL
+
+
+def test_off_channels_that_cannot_go_are_skipped_with_the_reason(tmp_path):
+    x = _images(8)
+    for act, why in ((nn.LeakyReLU, "slope"), (lambda: nn.Hardtanh(-1.0, 6.0), "lower bound is -1")):
+        model = _inference(_built(Stack([(8, 3, 1, 1), (6, 3, 1, 1)], act=act)), tmp_path, 8)
+        folded, report = fold_layers(model, set(), set(), {"conv0.weight": np.arange(8) < 2})
+        assert not report.dropped_channels and why in report.skipped["conv0.weight"] and _ops(folded) == _ops(model)
+    model = _inference(_built(TwoConsumers()), tmp_path, 8)
+    folded, report = fold_layers(model, set(), set(), {"stem.weight": np.arange(8) < 2})
+    assert "2 consumers" in report.skipped["stem.weight"] and _ops(folded) == _ops(model)
+    module = _off_biases(_built(Stack([(8, 3, 1, 1), (8, 3, 1, 1), (6, 3, 1, 1)])), {"bn0": list(range(8)), "bn1": [1]})
+    model = _inference(module, tmp_path, 8)
+    folded, report = fold_layers(model, set(), set(), {"conv0.weight": np.ones(8, bool)})
+    assert "constant" in report.skipped["conv0.weight"] and not report.dropped_channels
+    one = np.arange(8) == 1
+    folded, report = fold_layers(model, set(), {"conv1.weight"}, {"conv0.weight": one})
+    assert report.constant == ["conv1.weight"] and report.dead == ["conv0.weight"]  # folded away: not looked at
+    assert not report.dropped_channels and not report.skipped
+    folded, report = fold_layers(model, {"conv1.weight"}, set(), {"conv1.weight": one})  # a padded 3x3 after it
+    assert "not a linear map" in report.skipped["conv1.weight"] and "listed as identity" in report.skipped["conv1.weight"]
+    assert not report.dropped_channels and _ops(folded) == _ops(model)
+    _assert_same_outputs(model, folded, x)
+    with pytest.raises(NeqError, match="bool array over the conv's 8 output channels"):
+        fold_layers(model, set(), set(), {"conv0.weight": np.ones(6, bool)})
+    with pytest.raises(NeqError, match="name no Conv weight"):
+        fold_layers(model, set(), set(), {"conv9.weight": one})
+
+
+def test_a_channel_passed_as_off_that_is_not_fails_the_check(tmp_path):
+    module = _off_biases(_built(Stack([(8, 3, 1, 1), (6, 3, 1, 1)])), {"bn0": [1]})
+    x = _images(8)
+    assert list(np.flatnonzero(_always_off(module, "bn0", x))) == [1]  # channel 0 is ON on some pixels
+    model = _inference(module, tmp_path, 8)
+    folded, report = fold_layers(model, set(), set(), {"conv0.weight": np.isin(np.arange(8), [0, 1])})
+    assert report.dropped_channels == {"conv0.weight": 2}  # folding takes the claim on trust; the check refutes it
+    with pytest.raises(NeqError, match="not OFF"):
+        check_equal(model, folded, x)
