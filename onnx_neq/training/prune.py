@@ -65,7 +65,7 @@ class PruneResult:
 def prune(config: PruneConfig, progress: Progress | None = None) -> PruneResult:
     """Prune config.model into config.out; the same command continues an interrupted prune."""
     progress = progress or (lambda event, info: None)
-    config.selector, config.backend = FULL, config.backend or _host_backend()
+    config.selector, config.backend = FULL, config.backend or SPECIALIZED  # prune prepares SGD artifacts
     config.validate()
     if config.backend not in (PORTABLE, SPECIALIZED):
         raise NeqError(f"prune holds pruned weights at 0 in the update on the host; use --backend {SPECIALIZED} or {PORTABLE}")
@@ -85,10 +85,6 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> PruneResult:
         folded = _fold(config, artifacts, out, rounds)
         folded_top1 = evaluate(folded, config.data, config.classes).top1 if folded else None
         return PruneResult(out, rows, model, folded, folded_top1)
-
-
-def _host_backend() -> str:
-    return SPECIALIZED
 
 
 def _check_settings(out: Path, config: PruneConfig) -> None:
