@@ -555,9 +555,7 @@ def full_backward_macs(artifacts: str | Path, manifest: Manifest, graph: str = "
     stat = path.stat() if path.is_file() else None
     key = (str(path.resolve()), graph, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
     if key not in _FULL_MACS:
-        states = {layer.name: "all" for layer in manifest.layers}
-        _, report = specialize(load_training_graph(artifacts, manifest, graph), manifest, states, "always")
-        _FULL_MACS[key] = report.backward_macs()
+        _FULL_MACS[key] = BackwardCount(load_training_graph(artifacts, manifest, graph), manifest).full
     return _FULL_MACS[key]
 
 
