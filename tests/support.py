@@ -25,3 +25,17 @@ def cli_command(*args: str) -> list[str]:
 def cli(*args: str, cwd=None, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`onnx-neq ARGS` in a subprocess, output captured as text; the caller checks the exit status."""
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def kill_after_lines(args: list[str], watched: Path, lines: int, timeout: float = 300) -> None:
+    """Start `onnx-neq ARGS`, SIGKILL it once `watched` has `lines` lines (or after `timeout` s), and reap it."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not watched.exists() or len(watched.read_text().splitlines()) < lines):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -9,14 +9,11 @@ round 2 floor(156 / 2) = 78 more (234 of 312 = 75%).
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
-from support import cli, cli_command
+from support import cli, cli_command, kill_after_lines
 
 from onnx_neq.backends.base import PORTABLE, SPECIALIZED, open_backend
 from onnx_neq.training.metrics import TIMING
@@ -89,13 +86,7 @@ def test_killed_prune_finishes_as_an_uninterrupted_one(tiny_onnx, tmp_path):
     args = ["prune", str(tiny_onnx[0]), *ARGS[:-4], "--epochs", "4", "--lr", "0.02", "--threads", "1", "--backend", SPECIALIZED]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(cli_command(*args, "-o", str(straight)), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli_command(*args, "-o", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "round_01" / "run" / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_lines([*args, "-o", str(killed)], killed / "round_01" / "run" / "metrics.csv", 2)
     assert not (killed / "round_02").exists() or not (killed / "model.onnx").exists()
     again = cli(*args, "-o", str(killed))
     assert again.returncode == 0, again.stderr

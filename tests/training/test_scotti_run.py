@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
-from support import cli, cli_command
+from support import cli, cli_command, kill_after_lines
 
 from onnx_neq.backends.base import SPECIALIZED, open_backend
 from onnx_neq.training import metrics
@@ -105,13 +102,7 @@ def test_killed_scotti_run_resumes_to_the_same_result(tiny_artifacts, tmp_path):
     args = ["train", str(tiny_artifacts), *DIGITS_0_4, "--selector", "scotti", "--epochs", "12", "--batch-size", "4"]
     args += ["--lr", "0.005", "--eps", "0.02", "--train-limit", "300", "--threads", "1"]
     subprocess.run(cli_command(*args, "--out", str(tmp_path / "straight")), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli_command(*args, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = tmp_path / "killed" / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not rows.exists() or len(rows.read_text().splitlines()) < 4):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_lines([*args, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "metrics.csv", 4)
     killed, straight = RunDir(tmp_path / "killed"), RunDir(tmp_path / "straight")
     assert 3 <= len(killed.metrics()) < 12
     resumed = subprocess.run(cli_command("train", "--out", str(killed.path), "--resume"), capture_output=True, text=True, timeout=600)

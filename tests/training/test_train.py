@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
 import pytest
-from support import cli_command
+from support import cli_command, kill_after_lines
 
 from onnx_neq.backends.base import open_backend
 from onnx_neq.backends.ort_training import TrainingSession
@@ -193,13 +190,7 @@ def test_killed_process_resumes_to_the_same_result(backend, tiny_artifacts, tmp_
         backend,
     ]
     subprocess.run(cli_command(*args, "--out", str(tmp_path / "straight")), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli_command(*args, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_lines([*args, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "metrics.csv", 4)
     assert 3 <= len(RunDir(tmp_path / "killed").metrics()) < 30
     resumed = subprocess.run(
         cli_command("train", "--out", str(tmp_path / "killed"), "--resume"), capture_output=True, text=True, timeout=600
