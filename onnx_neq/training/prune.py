@@ -33,6 +33,7 @@ from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest, read_manifest
 from onnx_neq.selection import egp
 from onnx_neq.selection.registry import FULL
+from onnx_neq.training import metrics
 from onnx_neq.training.config import TrainConfig
 from onnx_neq.training.default_model import artifacts_with_head
 from onnx_neq.training.entropy import EntropyProbe, LayerActivity
@@ -44,7 +45,7 @@ from onnx_neq.training.prune_policy import PrunePolicy, read_keep
 from onnx_neq.training.run_dir import RunDir
 from onnx_neq.training.run_lock import RunLock
 from onnx_neq.training.setup import load_data, load_run_dataset, prep
-from onnx_neq.training.train import train
+from onnx_neq.training.train import TrainResult, train
 
 FOLD_CHECK_IMAGES = 256  # training images on which the folded model must give the pruned model's outputs
 FOLD_TOLERANCE = 1e-4  # on the logits: float32 sums in another order (a merged conv) move them by ~1e-6 relative
@@ -75,14 +76,14 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> PruneResult:
         _check_settings(out, config)
         artifacts = _artifacts(config, out)
         rounds = egp.rounds_for(config.sparsity, config.share)
-        rows = _read_rounds(out)
+        rows, measure = _read_rounds(out), _Measure(config, artifacts)
         for r in range(len(rows), rounds + 1):
             progress("round", {"round": r, "rounds": rounds})
-            rows.append(_round(config, artifacts, out, r, progress))
+            rows.append(_round(config, measure, out, r, progress))
             _write_rounds(out, rows)
         model = out / "model.onnx"
         shutil.copyfile(_round_dir(out, rounds) / "run" / "model.onnx", model)
-        folded = _fold(config, artifacts, out, rounds)
+        folded = _fold(measure, out, rounds)
         folded_top1 = evaluate(folded, config.data, config.classes).top1 if folded else None
         return PruneResult(out, rows, model, folded, folded_top1)
 
@@ -121,32 +122,55 @@ def _round_dir(out: Path, r: int) -> Path:
     return out / f"round_{r:02d}"
 
 
-def _round(config: PruneConfig, artifacts: Path, out: Path, r: int, progress: Progress) -> dict:
+class _Measure:
+    """The prune's artifacts, training data and entropy probe, opened once, and the weights and activations of the
+    checkpoint measured last: a round's row measures its final weights, the next round's masks reuse them."""
+
+    def __init__(self, config: PruneConfig, artifacts: Path):
+        self.config, self.artifacts, self.manifest = config, artifacts, read_manifest(artifacts)
+        self.run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+        self.run_config.artifacts = str(artifacts)
+        self.data = load_data(self.run_config, self.manifest)
+        self.probe: EntropyProbe | None = None
+        self.last: tuple[Path, dict, dict] | None = None
+
+    def final(self, folder: Path) -> tuple[dict[str, np.ndarray], dict[str, LayerActivity]]:
+        """The parameters of round `folder`'s final checkpoint and its layers' activations on the training data."""
+        checkpoint = _final_checkpoint(folder)
+        if self.last is None or self.last[0] != checkpoint:
+            params = self.session(checkpoint).parameters()
+            self.probe = self.probe or EntropyProbe(self.artifacts, self.manifest, params, self.config.threads)
+            self.last = (checkpoint, params, self.probe.measure(params, self.data.train, self.config.eval_batch_size))
+        return self.last[1], self.last[2]
+
+    def session(self, checkpoint: Path):
+        return open_backend(self.config.backend, self.artifacts, checkpoint, threads=self.config.threads)
+
+    def weight(self, layer: str) -> str:
+        return next(x.weight for x in self.manifest.layers if x.name == layer)
+
+
+def _round(config: PruneConfig, measure: _Measure, out: Path, r: int, progress: Progress) -> dict:
     """Round r: its masks and start weights (unless written), its fine-tuning, its row."""
     folder = _round_dir(out, r)
     folder.mkdir(exist_ok=True)
-    manifest = read_manifest(artifacts)
-    run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
-    run_config.artifacts, run_config.out = str(artifacts), str(folder / "run")
+    run_config = dataclasses.replace(measure.run_config, out=str(folder / "run"))
     if r > 0:
         if not (folder / "start.ckpt").exists():
-            _start_round(config, run_config, manifest, out, r)
+            _start_round(config, measure, out, r)
         run_config.initial_weights = str(folder / "start.ckpt")
     keep = read_keep(folder / "masks.npz") if r > 0 else {}
     policy: Callable = lambda c, m, s: PrunePolicy(c, m, s, keep)  # noqa: E731
     resume = RunDir(run_config.out).exists()
     result = train(run_config, resume=resume, progress=progress, policy=policy)
-    return _row(config, run_config, manifest, r, keep, result)
+    return _row(config, measure, folder, r, result)
 
 
-def _start_round(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, out: Path, r: int) -> None:
+def _start_round(config: PruneConfig, measure: _Measure, out: Path, r: int) -> None:
     """Round r's masks (from the entropy of round r-1's final weights) and its start weights."""
-    previous = _final_checkpoint(_round_dir(out, r - 1))
-    session = open_backend(run_config.backend, run_config.artifacts, previous, threads=config.threads)
-    params = session.parameters()
+    params, activity = measure.final(_round_dir(out, r - 1))
     keep = read_keep(_round_dir(out, r - 1) / "masks.npz") if r > 1 else None
-    activity = _activity(config, run_config, manifest, params)
-    prunable = {manifest_layer(manifest, name).weight: a for name, a in activity.items()}
+    prunable = {measure.weight(name): a for name, a in activity.items()}
     keep = keep or {w: np.ones(params[w].shape, bool) for w in prunable}
     weights = {w: params[w] for w in prunable}
     amount = egp.round_amount(sum(int(k.sum()) for k in keep.values()), config.share)
@@ -157,21 +181,12 @@ def _start_round(config: PruneConfig, run_config: TrainConfig, manifest: Manifes
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **keep)
     atomic_write_bytes(_round_dir(out, r) / "masks.npz", buffer.getvalue())
+    session = measure.session(_final_checkpoint(_round_dir(out, r - 1)))
     session.set_parameters({w: np.where(keep[w], params[w], np.float32(0)) for w in keep})
     target = _round_dir(out, r) / "start.ckpt"
     tmp = target.with_name(".start.ckpt.tmp")
     session.save_checkpoint(tmp)
     tmp.replace(target)
-
-
-def _activity(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, params: dict) -> dict[str, LayerActivity]:
-    data = load_data(run_config, manifest)
-    probe = EntropyProbe(run_config.artifacts, manifest, params, config.threads)
-    return probe.measure(params, data.train, config.eval_batch_size)
-
-
-def manifest_layer(manifest: Manifest, name: str):
-    return next(layer for layer in manifest.layers if layer.name == name)
 
 
 def _final_checkpoint(folder: Path) -> Path:
@@ -183,42 +198,35 @@ def _final_checkpoint(folder: Path) -> Path:
     return run.path / best
 
 
-def _row(config: PruneConfig, run_config: TrainConfig, manifest: Manifest, r: int, keep: dict, result) -> dict:
+def _row(config: PruneConfig, measure: _Measure, folder: Path, r: int, result: TrainResult) -> dict:
     """The round's line of rounds.csv: sparsity of its masks, the layers its final weights make removable, top-1."""
-    session = open_backend(run_config.backend, run_config.artifacts, _final_checkpoint(Path(run_config.out).parent), threads=config.threads)
-    params = session.parameters()
-    activity = _activity(config, run_config, manifest, params)
-    weights = {manifest_layer(manifest, n).weight for n in activity}
+    params, activity = measure.final(folder)
+    weights = {measure.weight(n) for n in activity}
     nonzero = sum(int(np.count_nonzero(params[w])) for w in weights)
     total = sum(params[w].size for w in weights)
-    best = next(row for row in result.rows if int(row["epoch"]) == result.best_epoch)
     return {
         "round": r,
         "target_sparsity": f"{egp.schedule_sparsity(r, config.share)[-1] if r else 0.0:.6f}",
         "sparsity": f"{1 - nonzero / total:.6f}",
         "nonzero": nonzero,
         "identity_layers": sum(a.identity for a in activity.values()),
-        "constant_layers": sum(a.constant or not np.any(params[manifest_layer(manifest, n).weight]) for n, a in activity.items()),
+        "constant_layers": sum(a.constant or not np.any(params[measure.weight(n)]) for n, a in activity.items()),
         "best_epoch": result.best_epoch,
-        "val_top1": best["val_top1"],
-        "test_top1": best["test_top1"],
+        "val_top1": metrics.VAL_TOP1.write(result.best_val),
+        "test_top1": metrics.TEST_TOP1.write(result.test_at_best_val),
     }
 
 
-def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | None:
+def _fold(measure: _Measure, out: Path, last: int) -> Path | None:
     """OUT/model_folded.onnx: the layers whose activation is the identity or a constant on the training data (or
     whose weights are all 0) folded out of OUT/model.onnx (graph/fold_layers.py), checked against it on those
     images; OUT/fold.json says what was folded, skipped and why. None when no layer could go."""
     import onnx
 
-    manifest = read_manifest(artifacts)
-    run_config = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
-    run_config.artifacts = str(artifacts)
-    session = open_backend(config.backend, artifacts, _final_checkpoint(_round_dir(out, last)), threads=config.threads)
-    params = session.parameters()
-    order, identity, constant, off = _removable(manifest, _activity(config, run_config, manifest, params), params)
+    params, activity = measure.final(_round_dir(out, last))
+    order, identity, constant, off = _removable(measure.manifest, activity, params)
     model = onnx.load(str(out / "model.onnx"))
-    images = prep(manifest, load_data(run_config, manifest).train.images[:FOLD_CHECK_IMAGES])
+    images = prep(measure.manifest, measure.data.train.images[:FOLD_CHECK_IMAGES])
     folded, record = _fold_checked(model, order, (identity, constant, off), images)
     if folded is not None:
         onnx.save(folded, str(out / ".model_folded.onnx.tmp"))
@@ -230,7 +238,7 @@ def _fold(config: PruneConfig, artifacts: Path, out: Path, last: int) -> Path | 
 def _removable(manifest: Manifest, activity: dict[str, LayerActivity], params: dict) -> tuple[list[str], set[str], set[str], dict]:
     """(conv weights in layer order, those whose activation is the identity, those whose output is constant, and per
     conv weight its channels whose activation outputs 0 on all the data: ReLU or Clip from 0, input always <= 0)."""
-    weights = {name: manifest_layer(manifest, name).weight for name in activity}
+    weights = {layer.name: layer.weight for layer in manifest.layers if layer.name in activity}
     # a residual pair's activation reads the sum with the shortcut: ON or OFF there says nothing of the conv alone
     alone = {n: a for n, a in activity.items() if not a.pairing.residual}
     identity = {weights[n] for n, a in alone.items() if a.identity and np.any(params[weights[n]])}
