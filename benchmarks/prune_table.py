@@ -19,14 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from onnx_neq.results.model_compare import compare_models
-from onnx_neq.results.statistics import mean_ci
+from onnx_neq.results.statistics import mean_ci_text as _cell
 
 ROUNDS = (0, 1, 2, 4, 6)  # dense, 50%, 75%, 93.75%, 98.4%
-
-
-def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    mean, half = mean_ci(values)
-    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
 
 
 def _rows(folder: Path) -> list[dict]:

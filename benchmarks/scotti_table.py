@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_neq.results.report import summarize
-from onnx_neq.results.statistics import mean_ci
+from onnx_neq.results.statistics import mean_ci_text as _cell
 from onnx_neq.training import metrics
 from onnx_neq.training.run_dir import RunDir
 
@@ -40,11 +40,6 @@ def _after_warmup(path: Path, column: str) -> float:
     rows = RunDir(path).metrics()
     values = [float(r[column]) for r in rows[1:] or rows if r.get(column) not in (None, "")]
     return float(np.mean(values)) if values else float("nan")
-
-
-def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    mean, half = mean_ci(values)
-    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
 
 
 def table(run_dirs: list[Path]) -> str:

@@ -60,6 +60,12 @@ class Paired:
     data: str | None = None
 
 
+def mean_ci_text(values: Iterable[float], scale: float = 1.0, digits: int = 1) -> str:
+    """ "mean ± half-width" of mean_ci, both times `scale`, with `digits` decimals (a single value: "± nan")."""
+    mean, half = mean_ci(values)
+    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
 def paired(
     a_scores: Sequence[float] | np.ndarray,
     b_scores: Sequence[float] | np.ndarray,
