@@ -430,15 +430,20 @@ def _draw(runs: list[RunSummary], folder: Path) -> dict[str, str]:
         names["accuracy vs step"] = plot_accuracy_vs_step(runs, folder / "accuracy-vs-step.png").name
     for r in runs:
         if r.method == VELOCITY and r.seed == min(x.seed for x in runs):
-            slug = f"{r.data}-{r.budget_label}".replace(":", "_").replace("/", "_").replace("@", "_").replace("%", "pct")
+            slug = _slug(f"{r.data}-{r.budget_label}")
             names[f"heatmap {slug}"] = plot_layer_heatmap(r, folder / f"heatmap-{slug}.png").name
     for r in runs:
         if (r.path / HYPER_FILE).exists() and r.seed == min(x.seed for x in runs):
-            slug = f"{r.data}-{r.method}".replace(":", "_").replace("/", "_").replace("@", "_").replace("[", "_").replace("]", "")
-            names[f"hyper {slug}"] = plot_hyper(r, folder / f"hyper-{slug.replace('=', '_').replace(',', '_')}.png").name
+            slug = _slug(f"{r.data}-{r.method}")
+            names[f"hyper {slug}"] = plot_hyper(r, folder / f"hyper-{slug}.png").name
     (folder / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=1))
     (folder / REPORT_INDEX).write_text(json.dumps(sorted([*names.values(), "runs.json", REPORT_INDEX])))
     return names
+
+
+def _slug(text: str) -> str:
+    """`text` as a file name part: fashion-mnist@5-9-8.8% -> fashion-mnist_5-9-8.8pct, scotti[eps=0.1] -> scotti_eps_0.1."""
+    return text.translate(str.maketrans({":": "_", "/": "_", "@": "_", "[": "_", "=": "_", ",": "_", "]": None, "%": "pct"}))
 
 
 def _only_report_files(folder: Path) -> bool:
