@@ -132,7 +132,7 @@ def _resume(run: RunDir, requested: TrainConfig, overrides: dict, progress: Prog
     data = load_data(config, manifest)
     selection = selection_setup(config, manifest)
     state, saved, damage = run.resume_point(lambda path: checkpoint_problem(config, manifest, path))
-    checkpoint = run.path / state.checkpoint if state.checkpoint else None
+    checkpoint = run.path / state.checkpoint if state.checkpoint else config.initial_weights  # no epoch yet: where it started
     session = open_backend(config.backend, config.artifacts, checkpoint, threads=config.threads, **config.backend_options())
     if config.epochs != stored_epochs:
         run.write_settings({**settings, "config": asdict(config)})

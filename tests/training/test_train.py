@@ -273,3 +273,17 @@ def test_eval_command_reproduces_the_best_epochs_test_top1(tiny_artifacts, tmp_p
     out = subprocess.run(cli_command("eval", str(tmp_path / "run"), *DIGITS_0_4), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"top-1 {expected:.4f}" in out.stdout and "test images" in out.stdout
+
+
+def test_a_run_from_initial_weights_interrupted_before_its_first_epoch_resumes_from_them(tiny_artifacts, tmp_path):
+    """Resumed with no epoch committed, a run restarts from its initial weights (prune's rounds), not the artifacts'."""
+    start = open_backend("portable", tiny_artifacts)
+    start.set_parameters({name: value * 0.5 for name, value in start.parameters().items() if name.endswith(".weight")})
+    start.save_checkpoint(tmp_path / "start.ckpt")
+    config = dict(epochs=2, backend="portable", selector="full", initial_weights=str(tmp_path / "start.ckpt"))
+    train(_config(tiny_artifacts, tmp_path / "straight", **config))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_artifacts, tmp_path / "killed", **config), progress=_interrupt_at(0, 2))
+    assert not RunDir(tmp_path / "killed").committed()
+    train(_config(tiny_artifacts, tmp_path / "killed", **config), resume=True)
+    _same_run(RunDir(tmp_path / "straight"), RunDir(tmp_path / "killed"), tiny_artifacts, "portable")
