@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnx_neq.backends.base import BACKENDS, ORT_TRAINING, PORTABLE, SPECIALIZED
+from onnx_neq.data.shards import parse_shard
 from onnx_neq.errors import NeqError
 from onnx_neq.selection.budget import DEFAULT_RATIO, BudgetRequest
 from onnx_neq.selection.cost_model import KINDS as COST_KINDS
@@ -181,6 +182,10 @@ class TrainConfig:
         0, "draw only from the N layers of largest gradient norm per parameter (0: all).", RECIPE, minimum=0
     )
     initial_weights: str | None = setting(None, "A checkpoint to start from instead of the artifacts' parameters (prune's rounds).")
+    shard: str | None = setting(
+        None,
+        "Train on one client's part of the training split only (a fleet's client): CLIENT/CLIENTS/SPLIT/SEED, e.g. 2/10/dirichlet:0.5/0.",
+    )
 
     def validate(self) -> None:
         """Every setting in range (new, or read back from settings.json: untrusted); see validate()."""
@@ -244,6 +249,8 @@ def validate(config: TrainConfig) -> None:
         len(set(config.classes)) != len(config.classes) or len(config.classes) < 2 or min(config.classes) < 0
     ):
         raise NeqError(f"--classes must name at least two different classes, not {config.classes}")
+    if config.shard is not None:
+        parse_shard(config.shard)
     _check_cost(config)
     _check_selector(config)
     _check_backend(config)

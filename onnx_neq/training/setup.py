@@ -10,6 +10,7 @@ import numpy as np
 
 from onnx_neq.backends.base import ORT_TRAINING, PORTABLE, backend_files, read_parameters
 from onnx_neq.data.datasets import Dataset, Split, load_dataset, preprocess, select_classes, split_validation
+from onnx_neq.data.shards import parse_shard
 from onnx_neq.errors import NeqError
 from onnx_neq.manifest import Manifest, artifacts_fingerprint
 from onnx_neq.selection.budget import Budget, requested_amount, resolve_budget
@@ -62,7 +63,12 @@ def load_data(config: TrainConfig, manifest: Manifest, dataset: Dataset | None =
 
 def load_run_dataset(config: TrainConfig, manifest: Manifest) -> Dataset:
     dataset: Dataset = load_dataset(config.data, image_size(manifest))
-    return select_classes(dataset, config.classes) if config.classes else dataset
+    dataset = select_classes(dataset, config.classes) if config.classes else dataset
+    if config.shard is None:
+        return dataset
+    shard = parse_shard(config.shard)
+    part = dataset.train.take(shard.indices(dataset.train.labels))
+    return Dataset(f"{dataset.name} client {shard.client} of {shard.clients} ({shard.split})", part, dataset.test, dataset.num_classes)
 
 
 def image_size(manifest: Manifest) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_neq.errors import NeqError
-from onnx_neq.fleet.split import parse_split, split_clients
+from onnx_neq.data.shards import parse_split, split_clients
 
 LABELS = np.repeat(np.arange(5), 200)  # 5 classes x 200 images
 

@@ -7,16 +7,47 @@
                     generator) until every client holds at least `min_size` images, as is usual for this split.
 
 Every split is a partition of the indices (each image to exactly one client) and depends only on the labels,
-the spec, N and the seed.
+the spec, N and the seed. A `Shard` names one client's part: CLIENT/CLIENTS/SPLIT/SEED, e.g. 2/10/dirichlet:0.5/0
+(a run's `shard` setting: the client trains on that part of the training split only).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnx_neq.errors import NeqError
 
 IID, DIRICHLET = "iid", "dirichlet"
+
+
+@dataclass(frozen=True)
+class Shard:
+    client: int
+    clients: int
+    split: str = IID
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.client}/{self.clients}/{self.split}/{self.seed}"
+
+    def indices(self, labels: np.ndarray) -> np.ndarray:
+        """This client's indices into `labels` (the training split's)."""
+        return split_clients(labels, self.clients, self.split, self.seed)[self.client]
+
+
+def parse_shard(text: str) -> Shard:
+    """'2/10/dirichlet:0.5/0' -> Shard(2, 10, 'dirichlet:0.5', 0); NeqError naming the form otherwise."""
+    parts = str(text).split("/")
+    form = "CLIENT/CLIENTS/SPLIT/SEED with 0 <= CLIENT < CLIENTS, e.g. 2/10/dirichlet:0.5/0"
+    if len(parts) != 4 or not all(p.isdigit() for p in (parts[0], parts[1], parts[3])):
+        raise NeqError(f"a shard must be {form}, not {text!r}")
+    client, clients, seed = int(parts[0]), int(parts[1]), int(parts[3])
+    if not 0 <= client < clients:
+        raise NeqError(f"a shard must be {form}, not {text!r}")
+    parse_split(parts[2])
+    return Shard(client, clients, parts[2], seed)
 
 
 def parse_split(spec: str) -> tuple[str, float | None]:
