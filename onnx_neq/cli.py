@@ -11,6 +11,7 @@ import click
 
 from onnx_neq.backends.base import BACKENDS
 from onnx_neq.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, InterruptedRun, NeqError, environment_error, user_error_in_chain
+from onnx_neq.fleet.config import FLEET, FleetConfig
 from onnx_neq.results.plan import DEFAULT_METHODS, DEFAULT_SEEDS, PAPER_RATIOS, parse_method
 from onnx_neq.training import metrics
 from onnx_neq.training.config import PRUNE, RECIPE, TRAIN, Setting, TrainConfig, settings_of
@@ -454,6 +455,77 @@ class _CompareProgress(_Progress):
             click.echo(f"[{info['index']}/{info['total']}] {'done already: ' if event == 'skip' else ''}{info['path']}", err=True)
         elif event == "step":
             super().__call__(event, info)
+
+
+@main.group("fleet")
+def fleet_group() -> None:
+    """Federated fine-tuning on Flower: each client trains its budget and sends only the channels it trained."""
+
+
+def _fleet_config(artifacts_dir, settings: dict):
+    from onnx_neq.fleet.config import FleetConfig
+
+    out = settings.pop("out") or Path("runs") / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}"
+    artifacts_dir = artifacts_dir or _default_artifacts(settings["data"], settings["classes"])
+    return FleetConfig(artifacts=str(artifacts_dir), out=str(out), **settings)
+
+
+def _fleet_logging() -> None:
+    """Our round lines on stderr; Flower's own only when they are errors (all of them with --debug)."""
+    if not click.get_current_context().find_root().meta.get("debug"):
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("onnx_neq.fleet").setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("onnx_neq.fleet").addHandler(handler)
+    logging.getLogger("onnx_neq.fleet").propagate = False
+
+
+@fleet_group.command("simulate")
+@click.argument("artifacts_dir", required=False, type=click.Path(path_type=Path))
+@_settings_options(FLEET, FleetConfig)
+@_settings_options(TRAIN, FleetConfig)
+@_settings_options(RECIPE, FleetConfig)
+def fleet_simulate_command(artifacts_dir, **settings) -> None:
+    """Run a fleet of --clients on Flower's simulation engine, on this machine.
+
+    The training split is shared among the clients (--split); each round every client fine-tunes the global
+    parameters for --epochs under its budget and sends the rows of the channels it trained; the server merges
+    them per channel. OUT/rounds.csv has a row per round and client; OUT/model.onnx is the global model. The
+    same command on the same --out continues after the last completed round.
+    """
+    from onnx_neq.fleet.flower_app import simulate
+    from onnx_neq.results.summary import fleet_summary
+
+    _fleet_logging()
+    server = simulate(_fleet_config(artifacts_dir, settings))
+    click.echo(fleet_summary(server.rows(), server.out))
+
+
+@fleet_group.command("app")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--artifacts", "artifacts_dir", type=click.Path(path_type=Path), help="Training artifacts [default: as for train].")
+@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="The SuperLink's address (host:port).")
+@_settings_options(FLEET, FleetConfig)
+@_settings_options(TRAIN, FleetConfig)
+@_settings_options(RECIPE, FleetConfig)
+def fleet_app_command(directory, artifacts_dir, superlink, **settings) -> None:
+    """Write a Flower app for the deployment engine (a SuperLink and SuperNodes) and print how to start it.
+
+    --clients is the number of SuperNodes the training split is shared among (each started with its
+    partition-id); a SuperNode's --node-config may also set its own budget, data and artifacts.
+    """
+    from onnx_neq.fleet.app_dir import write_app
+
+    config = _fleet_config(artifacts_dir, settings)
+    config.out = str(Path(config.out).resolve())
+    config.artifacts = str(Path(config.artifacts).resolve())
+    commands = write_app(directory, config, superlink)
+    click.echo(f"wrote the Flower app {directory}; the server writes {config.out}. Start, each in its own shell:")
+    click.echo(f"  {commands.superlink}")
+    for i in range(config.clients):
+        click.echo("  " + commands.supernode.format(i=i, port=9094 + i))
+    click.echo(f"  {commands.run}")
 
 
 @main.command("report")

@@ -31,6 +31,7 @@ import numpy as np
 
 F32 = np.float32
 I32 = np.int32
+CHANNELS, DENSE = SENDS = ("channels", "dense")  # what a client sends: channel_update or dense_update
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from onnx_neq.manifest import Manifest
 from onnx_neq.training import metrics
@@ -121,5 +122,26 @@ def prune_summary(result) -> str:
             "latency: median of 200 single-image runs, the models interleaved, one thread; onnxruntime's dense kernels"
             " do not skip zero weights, so sparsity alone does not shorten it (non-zero MACs: what a sparse kernel would compute)",
             f"wrote {result.out}/ (rounds.csv, round_*/, model.onnx{', model_folded.onnx' if result.folded else ''}, fold.json)",
+        ]
+    )
+
+
+def fleet_summary(rows: list[dict], out: Path) -> str:
+    """Per round of a fleet (rounds.csv rows): clients that replied, updates merged, bytes on the wire, global top-1."""
+    table_rows = []
+    for round_ in sorted({int(r["round"]) for r in rows}):
+        mine = [r for r in rows if int(r["round"]) == round_ and r["client"] != "-"]
+        merged = [r for r in mine if not r["note"]]
+        sent = sum(int(r["bytes_sent"]) for r in merged)
+        top1 = next(r["global_top1"] for r in rows if int(r["round"]) == round_)
+        table_rows.append(
+            (round_, len(mine), len(merged), f"{sent / 1e6:.3f} MB", f"{sent / max(len(merged), 1) / 1e3:.1f} kB", f"{float(top1):.2%}")
+        )
+    notes = [f"round {r['round']}, client {r['client']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(
+        [
+            table(table_rows, ("round", "clients", "merged", "sent", "sent per client", "global top-1")),
+            *notes,
+            f"wrote {out}/ (rounds.csv, model.onnx, global.npz); `onnx-neq eval {out}/model.onnx --data ...` scores the global model",
         ]
     )
