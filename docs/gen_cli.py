@@ -154,6 +154,8 @@ def render() -> str:
     for name, command in CLI.commands.items():
         if not command.hidden:
             lines += _section("##", f"{PROG} {name}", command)
+            for sub_name, sub in getattr(command, "commands", {}).items():  # a group's commands (fleet simulate, ...)
+                lines += _section("###", f"{PROG} {name} {sub_name}", sub)
     return "\n".join(lines).rstrip() + "\n"
 
 
