@@ -25,6 +25,7 @@ from onnx_neq.training.files import atomic_write_bytes
 from onnx_neq.typed_json import build
 
 MODULE = "onnx_neq_fleet"
+MARKER = "written by onnx-neq fleet app"
 LINK_PORT = 8000  # the SuperLink's HTTP API (Fleet, Control and Runtime) in Flower 1.4x
 
 
@@ -68,20 +69,37 @@ def fleet_from_json(text: str) -> FleetConfig:
 
 def write_app(directory: Path, config: FleetConfig, superlink: str = f"127.0.0.1:{LINK_PORT}") -> AppCommands:
     config.validate()
+    port_flag = _port_flag(superlink)
+    _check_ours(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ".flwr").mkdir(exist_ok=True)
     atomic_write_bytes(directory / "pyproject.toml", _pyproject(config).encode())
     atomic_write_bytes(
         directory / f"{MODULE}.py",
-        b'"""onnx-neq\'s Flower components."""\n\nfrom onnx_neq.fleet.flower_app import client_app, server_app\n\n__all__ = ["client_app", "server_app"]\n',
+        b'"""onnx-neq\'s Flower components (written by onnx-neq fleet app)."""\n\nfrom onnx_neq.fleet.flower_app import client_app, server_app\n\n__all__ = ["client_app", "server_app"]\n',
     )
     link = f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{superlink}"\ninsecure = true\n'
     atomic_write_bytes(directory / ".flwr" / "config.toml", link.encode())
     return AppCommands(
-        superlink="flower-superlink --insecure --disable-runtime-dependency-installation",
+        superlink="flower-superlink --insecure --disable-runtime-dependency-installation" + port_flag,
         supernode=f"flower-supernode --insecure --superlink {superlink} --port {{port}} --node-config 'partition-id={{i}} num-partitions={config.clients}'",
         run=f"FLWR_HOME={directory.resolve()}/.flwr flwr run {directory.resolve()} local --stream",
     )
+
+
+def _check_ours(directory: Path) -> None:
+    """DIR is new, or an app this command wrote (it is rewritten): never someone else's project."""
+    for name in ("pyproject.toml", f"{MODULE}.py"):
+        path = directory / name
+        if path.exists() and (not path.is_file() or MARKER not in path.read_text(errors="replace")):
+            raise NeqError(f"{path} exists and was not written by `onnx-neq fleet app`; choose another directory")
+
+
+def _port_flag(superlink: str) -> str:
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise NeqError(f"--superlink must be HOST:PORT (e.g. 127.0.0.1:{LINK_PORT}), not {superlink!r}")
+    return "" if int(port) == LINK_PORT else f" --port {port}"
 
 
 def _pyproject(config: FleetConfig) -> str:

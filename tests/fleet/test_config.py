@@ -66,6 +66,15 @@ def test_run_config_round_trip(tiny_artifacts, tmp_path):
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert 'serverapp = "onnx_neq_fleet:server_app"' in text and 'split = "dirichlet:0.5"' in text
     assert "127.0.0.1:8123" in (tmp_path / "app" / ".flwr" / "config.toml").read_text() and "num-partitions=10" in commands.supernode
+    assert commands.superlink.endswith("--port 8123")
+    with pytest.raises(NeqError, match="HOST:PORT"):
+        write_app(tmp_path / "app2", fleet, "localhost")
+    write_app(tmp_path / "app", fleet)  # its own app: rewritten
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
+    with pytest.raises(NeqError, match="not written by"):
+        write_app(tmp_path / "mine", fleet)
+    assert (tmp_path / "mine" / "pyproject.toml").read_text() == "[project]\nname = 'mine'\n"
 
 
 def test_messages_round_trip_and_a_malformed_key_is_rejected():
