@@ -26,10 +26,11 @@ from onnx_neq.errors import NeqError
 from onnx_neq.fleet.client import Traveling, traveling
 from onnx_neq.fleet.config import FleetConfig
 from onnx_neq.fleet.updates import ChannelUpdate, aggregate, check_update
-from onnx_neq.manifest import read_manifest
+from onnx_neq.manifest import Manifest, read_manifest
 from onnx_neq.training.default_model import artifacts_with_head
 from onnx_neq.training.evaluate import evaluate, record_normalization
 from onnx_neq.training.files import atomic_write_bytes, read_run_json
+from onnx_neq.training.setup import load_run_dataset
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ def _row(round_: int, reply: Reply, note: str) -> dict:
     }
 
 
-def _class_count(config: FleetConfig, manifest) -> int:
-    from onnx_neq.training.setup import load_run_dataset
-
-    probe = dataclasses.replace(config, shard=None)
-    return load_run_dataset(probe, manifest).num_classes if probe.data else manifest.num_classes
+def _class_count(config: FleetConfig, manifest: Manifest) -> int:
+    """The data's class count (the head the fleet trains; a different one is prepared as train does)."""
+    return load_run_dataset(dataclasses.replace(config, shard=None), manifest).num_classes
