@@ -1,7 +1,7 @@
 """The fleet benchmark of BENCHMARKS.md (docs/benchmarks/fleet.md): 10 simulated clients on a Dirichlet(0.5) split of
 Fashion-MNIST classes 5-9, from the shipped model, one `onnx-neq fleet simulate` per federation and seed.
 
-    python benchmarks/fleet_bench.py OUT [--seeds 0,1,2] [--rounds 4]
+    python benchmarks/fleet_bench.py OUT [--seeds 0,1,2] [--rounds 3]
 
 Federations (the seeds outermost, so that each seed's federations run one after the other in one stretch):
     fedavg            full fine-tuning, every trainable parameter sent (dense FedAvg)
@@ -16,6 +16,7 @@ Then `python benchmarks/fleet_table.py OUT` writes the table and the plot.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +37,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     for seed in map(int, args.seeds.split(",")):
         for name, options in FEDERATIONS.items():
             out = args.out / f"{name}-s{seed}"
             state = out / "state.json"
-            if state.exists() and f'"round": {args.rounds}' in state.read_text():
+            if state.exists() and json.loads(state.read_text())["round"] >= args.rounds:
                 continue
-            command = ["onnx-neq", "fleet", "simulate", *COMMON, *options, "--rounds", str(args.rounds), "--seed", str(seed), "--out", str(out)]
+            command = [
+                "onnx-neq",
+                "fleet",
+                "simulate",
+                *COMMON,
+                *options,
+                "--rounds",
+                str(args.rounds),
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+            ]
             print(" ".join(command), flush=True)
             subprocess.run(command, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
 
