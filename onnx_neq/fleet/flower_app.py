@@ -170,6 +170,7 @@ def simulate(config: FleetConfig) -> FleetServer:
 
     app = ServerApp()
     app.main()(main)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here; silences Ray's notice about them
     cpus = os.cpu_count() or 1
     run_simulation(app, client_app, num_supernodes=config.clients, backend_config={"client_resources": {"num_cpus": cpus}})
     if failure:

@@ -27,6 +27,7 @@ from onnx_neq.fleet.client import Traveling, traveling
 from onnx_neq.fleet.config import FleetConfig
 from onnx_neq.fleet.updates import ChannelUpdate, aggregate, check_update
 from onnx_neq.manifest import Manifest, read_manifest
+from onnx_neq.selection.registry import SELECTORS
 from onnx_neq.training.default_model import artifacts_with_head
 from onnx_neq.training.evaluate import evaluate, record_normalization
 from onnx_neq.training.files import atomic_write_bytes, read_run_json
@@ -64,6 +65,13 @@ class FleetServer:
         self.manifest = read_manifest(config.artifacts)
         self.travel: Traveling = traveling(self.manifest, config.bn_update)
         self.session = open_backend(PORTABLE, config.artifacts)
+        first = SELECTORS[config.selector].first_epoch
+        if first and config.epochs == 1:
+            log.warning(
+                "--selector %s starts every round with its first-epoch rule (%s): with --epochs 1 that is all it does; "
+                "give --epochs 2 or more, or a selector that ranks within an epoch (gradnorm, fisher)",
+                config.selector, config.first_epoch_init,
+            )  # fmt: skip
 
     # folder ------------------------------------------------------------------------------
     def start(self) -> tuple[int, dict[str, np.ndarray]]:
