@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import cli
+from support import cli, cli_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("own_cache")]
 RECIPE = ["--data", "digits", "--classes", "0-4", "--batch-size", "16", "--train-limit", "200", "--threads", "1", "--budget-ratio", "0.3"]
@@ -112,3 +112,20 @@ def test_simulate_runs_and_resumes(tiny_artifacts, tmp_path):
     assert rows[1]["global_top1"] == rows[2]["global_top1"]
     other = cli(*args, "--rounds", "2", "--lr", "0.5")
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+def test_simulate_killed_mid_fleet_continues_from_its_last_round(tiny_artifacts, tmp_path):
+    out = tmp_path / "fleet"
+    args = ["fleet", "simulate", str(tiny_artifacts), "--clients", "2", "--rounds", "2", "--split", "iid", "--out", str(out), *RECIPE]
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while _done(out) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the server (and its simulated clients) die after round 1, during round 2
+    proc.wait()
+    assert _done(out) == 1
+    before = _rounds(out)
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    rows = _rounds(out)
+    assert rows[: len(before)] == before and [r["round"] for r in rows] == ["0", "1", "1", "2", "2"]
