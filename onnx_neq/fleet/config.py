@@ -66,7 +66,7 @@ class FleetConfig(TrainConfig):
                 _override(values, overrides)
         _override(values, node_overrides(node))
         values.pop("send", None)
-        clients = int(node.get("num-partitions", self.clients))
+        clients = int(node.get("num-partitions", self.clients)) if not node or "partition-id" in node else 1  # else: all its data
         values["shard"] = str(Shard(client, clients, self.split, self.seed)) if clients > 1 else None
         values["seed"] = self.seed * 1_000_003 + round_ * 1009 + client
         if values["backend"] == ORT_TRAINING:

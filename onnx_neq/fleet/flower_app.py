@@ -144,7 +144,7 @@ def _train(msg: Message, context: Context) -> Message:
     client = int(node.get("partition-id", 0))
     name = str(node.get("name", client if "partition-id" in node else context.node_id))
     local = fleet.local(client, int(config["server-round"]), node)
-    params = {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
+    params = {key: array.numpy() for key, array in msg.content.array_records["arrays"].items()}
     result = local_round(local, params, fleet.send_of(client, node), workdir=node.get("workdir"))
     metrics = MetricRecord(
         {"num-examples": result.update.examples, "local-top1": result.local_top1, "updated-params": result.updated_params}

@@ -30,7 +30,8 @@ def test_a_node_config_overrides_and_may_hold_all_its_data(tiny_artifacts):
     node = {"partition-id": 1, "num-partitions": 3, "memory-budget": "64KB", "epochs": 2}
     local = fleet.local(1, 1, node)  # the board's own budget replaces the fleet's, whatever its unit
     assert (local.memory_budget, local.budget_ratio, local.epochs, local.shard) == ("64KB", None, 2, "1/3/iid/0")
-    assert fleet.local(0, 1, {"num-partitions": 1, "data": "digits@0-4"}).shard is None  # a board's own data, whole
+    assert fleet.local(0, 1, {"data": "digits@0-4"}).shard is None  # a node without a partition: its own data, whole
+    assert fleet.local(0, 1, {"partition-id": 0, "num-partitions": 1}).shard is None
 
 
 @pytest.mark.parametrize(
