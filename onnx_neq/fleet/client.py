@@ -10,6 +10,10 @@ What travels (`Traveling`, from the manifest and the run's --bn-update):
            they change everywhere in every step, so they travel whole
 Everything else (frozen parameters) is in the artifacts every client already holds and never travels.
 
+A client keeps its selector's statistics (velocity, running gradient norms: SelectorPolicy's state) from one
+round to the next (`selector_state`), so that a one-epoch round selects from them instead of starting over with
+a first-epoch rule. They never leave the client.
+
 The round is a run of `train` into a temporary folder (removed after it) that starts from the global parameters
 (`initial_weights`) and trains on the client's shard; the update carries its last epoch's parameters (not the
 best validation epoch's: the server averages where the clients got to).
@@ -27,9 +31,11 @@ import numpy as np
 from onnx_neq.backends.base import default_backend, open_backend
 from onnx_neq.fleet.updates import CHANNELS, DENSE, ChannelUpdate, channel_update, dense_update
 from onnx_neq.manifest import Manifest, read_manifest
+from onnx_neq.selection.registry import SELECTORS
 from onnx_neq.training.config import SELECTED, TrainConfig
 from onnx_neq.training.metrics import TEST_TOP1
 from onnx_neq.training.run_dir import RunDir
+from onnx_neq.training.selector_policy import SelectorPolicy
 from onnx_neq.training.train import train
 
 
@@ -59,19 +65,29 @@ class LocalResult:
     budget: str  # the run's budget, as train prints it
     updated_params: int  # parameters in the update (whole ones included)
     local_top1: float  # test top-1 of the parameters sent
+    selector_state: dict[str, np.ndarray]  # what the next round starts its selector from (empty: nothing to carry)
 
 
-def local_round(config: TrainConfig, global_params: dict[str, np.ndarray], send: str = CHANNELS, workdir: str | None = None) -> LocalResult:
+def local_round(
+    config: TrainConfig,
+    global_params: dict[str, np.ndarray],
+    send: str = CHANNELS,
+    workdir: str | None = None,
+    selector_state: dict[str, np.ndarray] | None = None,
+) -> LocalResult:
     """Train `config` (artifacts, data, shard, recipe; its `out` and `initial_weights` are set here) from
     `global_params` and return what the client sends: the trained channels' rows (`send` channels) or every
-    traveling parameter whole (`send` dense)."""
+    traveling parameter whole (`send` dense). `selector_state`: the last round's LocalResult.selector_state,
+    so that a selector with statistics (velocity, gradient norms) keeps them from round to round."""
     with tempfile.TemporaryDirectory(prefix="onnx-neq-round-", dir=workdir) as tmp:
         start = Path(tmp) / "start.ckpt"
         run_config = dataclasses.replace(config, out=str(Path(tmp) / "run"), initial_weights=str(start))
         run_config.validate()  # settles the backend, whose checkpoint format the start weights take
         run_config.backend = run_config.backend or default_backend(run_config.artifacts)
         _write_start(run_config, global_params, start)
-        result = train(run_config)
+        carries = SELECTORS[run_config.selector].policy is None  # SelectorPolicy's state; a policy of its own starts afresh
+        policy = (lambda c, m, s: SelectorPolicy(c, m, s, carried=selector_state)) if carries else None  # noqa: E731
+        result = train(run_config, policy=policy)
         run = RunDir(result.run_dir)
         settings = run.settings()
         stored = settings["config"]
@@ -82,7 +98,8 @@ def local_round(config: TrainConfig, global_params: dict[str, np.ndarray], send:
             update = dense_update(final, travel.names, examples)
         else:
             update = channel_update(final, travel.rows, _trained_channels(run), travel.whole, examples)
-        return LocalResult(update, result.budget.describe(), _count(update), float(result.rows[-1][TEST_TOP1]))
+        state = _policy_state(run) if carries else {}
+        return LocalResult(update, result.budget.describe(), _count(update), float(result.rows[-1][TEST_TOP1]), state)
 
 
 def _write_start(config: TrainConfig, params: dict[str, np.ndarray], path: Path) -> None:
@@ -100,6 +117,13 @@ def _trained_channels(run: RunDir) -> dict[str, np.ndarray]:
             for name in masks.files:
                 union[name] = np.maximum(union.get(name, 0), masks[name].astype(np.uint8))
     return union
+
+
+def _policy_state(run: RunDir) -> dict[str, np.ndarray]:
+    """The policy's state after the run's last epoch (RUN/state/velocity_NNN.npz)."""
+    state = run.load_state()
+    with np.load(run.path / state.record(state.epoch).velocity, allow_pickle=False) as saved:
+        return {name: saved[name] for name in saved.files}
 
 
 def _count(update: ChannelUpdate) -> int:

@@ -6,6 +6,7 @@ server -> client  "arrays": the global parameters that travel (ArrayRecord, one 
 client -> server  "arrays": "rows/NAME/indices" (int32) and "rows/NAME/values", "whole/NAME" (float32)
                   "metrics": "num-examples", "local-top1", "updated-params"
                   "info": "client" (its name in rounds.csv), "budget"
+a client's own  Context.state "onnx-neq-selector": its selector's statistics, kept from round to round (not sent)
 
 Each round the strategy (FedAvg's node sampling, so Flower's minimum-available settings hold) sends the global
 parameters to the connected nodes, waits up to --round-timeout, and hands the replies to FleetServer.merge: a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -36,11 +38,12 @@ from onnx_neq.fleet.updates import ChannelUpdate
 log = logging.getLogger(__name__)
 
 ROWS, WHOLE = "rows/", "whole/"
+SELECTOR_STATE = "onnx-neq-selector"  # in a ClientApp's Context.state: its selector's statistics, kept between rounds
 
 
 # messages -----------------------------------------------------------------------------------
 def params_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in params.items()})
+    return ArrayRecord({name: Array(np.asarray(value, order="C")) for name, value in params.items()})  # (ascontiguousarray makes 0-d 1-d)
 
 
 def update_record(update: ChannelUpdate) -> ArrayRecord:
@@ -86,13 +89,22 @@ class ChannelFedAvg(FedAvg):
         for msg in messages:
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
-                out.append(Reply(node, ChannelUpdate(1), error=str(msg.error.reason)[:300]))
+                log.debug("round %d: node %s failed:\n%s", server_round, node, msg.error.reason)
+                out.append(Reply(node, ChannelUpdate(1), error=failure_reason(str(msg.error.reason))))
                 continue
             try:
                 out.append(_reply(msg.content, node, bytes_received))
             except (TypeError, ValueError, KeyError) as exc:
                 out.append(Reply(node, ChannelUpdate(1), error=f"a malformed reply ({exc})"[:300]))
         return out
+
+
+def failure_reason(text: str) -> str:
+    """The line of a failed client's report that says what went wrong (a traceback's last "...Error: ..." line),
+    cut to 300 characters; the whole report is logged at debug level."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    return (errors[-1] if errors else lines[-1] if lines else "no reason given")[:300]
 
 
 def _reply(content: RecordDict, node: str, bytes_received: int) -> Reply:
@@ -145,7 +157,11 @@ def _train(msg: Message, context: Context) -> Message:
     name = str(node.get("name", client if "partition-id" in node else context.node_id))
     local = fleet.local(client, int(config["server-round"]), node)
     params = {key: array.numpy() for key, array in msg.content.array_records["arrays"].items()}
-    result = local_round(local, params, fleet.send_of(client, node), workdir=node.get("workdir"))
+    kept = context.state.array_records.get(SELECTOR_STATE)  # this node's selector statistics from its last round
+    carried = {key: array.numpy() for key, array in kept.items()} if kept else None
+    result = local_round(local, params, fleet.send_of(client, node), workdir=node.get("workdir"), selector_state=carried)
+    if result.selector_state:
+        context.state[SELECTOR_STATE] = params_record(result.selector_state)
     metrics = MetricRecord(
         {"num-examples": result.update.examples, "local-top1": result.local_top1, "updated-params": result.updated_params}
     )

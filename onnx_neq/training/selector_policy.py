@@ -28,9 +28,13 @@ GRADNORM_PREFIX = "gradnorm_"  # the running gradient norms, saved beside the ve
 
 
 class SelectorPolicy(Policy):
-    """Selects with config.selector (config.first_epoch_init at epoch 0 where the selector has a first-epoch rule)."""
+    """Selects with config.selector (config.first_epoch_init at epoch 0 where the selector has a first-epoch rule).
 
-    def __init__(self, config: TrainConfig, manifest: Manifest, selection: Selection):
+    `carried`: the state() of an earlier run to start from (a fleet client's previous round): its velocity and
+    gradient norms, so that epoch 0 already has statistics behind it (no first-epoch rule, norms probed)."""
+
+    def __init__(self, config: TrainConfig, manifest: Manifest, selection: Selection, carried: dict[str, np.ndarray] | None = None):
+        self.carried = carried if carried and "velocity" in carried else {}  # a state with at least one epoch behind it
         self.config, self.manifest = config, manifest
         self.models, self.su_mask, self.budget = selection.models, selection.su_mask, selection.budget
         self.model: CostModel = self.models[config.cost_kind]
@@ -40,6 +44,7 @@ class SelectorPolicy(Policy):
 
     def start(self, loop: TrainingLoop, saved: dict[str, np.ndarray]) -> None:
         super().start(loop, saved)
+        saved = saved or self.carried
         c = self.config
         self.velocity = (
             VelocityState.from_arrays(saved, c.mu, c.recurrence) if saved else VelocityState(self.manifest.neurons, c.mu, c.recurrence)
@@ -50,9 +55,10 @@ class SelectorPolicy(Policy):
         self.count = backward_count(self.config, self.manifest) if "compute" in self.models else None
 
     def before_epoch(self, epoch: int) -> np.ndarray:
-        fisher, self.probe_seconds = self._probe(epoch)
+        seen = epoch + (1 if self.carried else 0)  # epochs of statistics behind this selection
+        fisher, self.probe_seconds = self._probe(seen)
         start = time.perf_counter()
-        selected = self.select(epoch, fisher)
+        selected = self.select(seen, fisher)
         self.norms.mark_trained(selected)
         self.selection_seconds = time.perf_counter() - start
         return selected

@@ -85,3 +85,26 @@ def test_client_shards_partition_the_training_split(tiny_artifacts, tmp_path):
     sizes = [len(load_run_dataset(fleet.local(client=c, round_=1), manifest).train) for c in range(3)]
     whole = load_run_dataset(fleet.local(client=0, round_=1, node={"num-partitions": 1}), manifest).train
     assert sum(sizes) == len(whole) and len(set(sizes)) > 1  # a Dirichlet split: unequal parts of the whole
+
+
+def test_a_client_keeps_its_selector_statistics_between_rounds(tiny_artifacts, tmp_path):
+    """NEq trains every channel in a run's first epoch; a client that carries its velocity from round 1 trains,
+    in round 2's first epoch, exactly the channels whose carried |velocity| exceeds eps (the rule, by hand)."""
+    start = _global(tiny_artifacts)
+    first = local_round(_fleet(tiny_artifacts, tmp_path, selector="neq", budget_ratio=None).local(0, 1), start, CHANNELS)
+    velocity = first.selector_state["velocity"]
+    assert int(first.selector_state["steps"]) == 1
+    eps = float(np.median(np.abs(velocity)))
+    fleet = _fleet(tiny_artifacts, tmp_path, selector="neq", budget_ratio=None, eps=eps)
+    fresh = local_round(fleet.local(0, 2), start, CHANNELS)
+    carried = local_round(fleet.local(0, 2), start, CHANNELS, selector_state=first.selector_state)
+    manifest = read_manifest(tiny_artifacts)
+    offset = 0
+    for layer in manifest.layers:
+        expected = np.flatnonzero(np.abs(velocity[offset : offset + layer.out_channels]) > eps)
+        offset += layer.out_channels
+        assert fresh.update.rows[layer.weight][0].tolist() == list(range(layer.out_channels))  # first epoch: all
+        sent = carried.update.rows.get(layer.weight, (np.zeros(0, np.int32), None))[0]
+        assert sent.tolist() == expected.tolist(), layer.name
+    assert 0 < sum(len(i) for i, _ in carried.update.rows.values()) < sum(len(i) for i, _ in fresh.update.rows.values())
+    assert int(carried.selector_state["steps"]) == 2

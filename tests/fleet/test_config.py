@@ -82,6 +82,9 @@ def test_messages_round_trip_and_a_malformed_key_is_rejected():
     flower_app = pytest.importorskip("onnx_neq.fleet.flower_app")
     update = ChannelUpdate(7, rows={"w": (np.array([0, 2], np.int32), np.ones((2, 3), np.float32))}, whole={"fc": np.zeros(4, np.float32)})
     back = flower_app.read_update(flower_app.update_record(update), 7)
+    state = {"steps": np.array(3), "velocity": np.arange(4.0)}  # a 0-d array stays 0-d (a client's selector state)
+    kept = flower_app.params_record(state)
+    assert {k: a.numpy().shape for k, a in kept.items()} == {"steps": (), "velocity": (4,)}
     assert back.examples == 7 and back.rows["w"][0].tolist() == [0, 2] and back.whole["fc"].shape == (4,)
     reference = {"w": np.zeros((3, 3), np.float32), "fc": np.zeros(4, np.float32)}
     assert check_update(back, reference) is None
