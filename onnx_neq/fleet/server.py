@@ -65,12 +65,11 @@ class FleetServer:
         self.manifest = read_manifest(config.artifacts)
         self.travel: Traveling = traveling(self.manifest, config.bn_update)
         self.session = open_backend(PORTABLE, config.artifacts)
-        first = SELECTORS[config.selector].first_epoch
-        if first and config.epochs == 1:
+        spec = SELECTORS[config.selector]
+        if spec.first_epoch and spec.policy and config.epochs == 1:  # a policy of its own keeps no state between rounds
             log.warning(
                 "--selector %s starts every round with its first-epoch rule (%s): with --epochs 1 that is all it does; "
-                "give --epochs 2 or more, or a selector that ranks within an epoch (gradnorm, fisher)",
-                config.selector, config.first_epoch_init,
+                "give --epochs 2 or more", config.selector, config.first_epoch_init,
             )  # fmt: skip
 
     # folder ------------------------------------------------------------------------------
