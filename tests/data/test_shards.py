@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_neq.errors import NeqError
 from onnx_neq.data.shards import parse_split, split_clients
+from onnx_neq.errors import NeqError
 
 LABELS = np.repeat(np.arange(5), 200)  # 5 classes x 200 images
 
