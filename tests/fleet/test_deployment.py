@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -27,8 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _scripts() -> Path:
+    """Where flwr's commands are: beside this interpreter, or (a virtualenv with system site packages whose flwr
+    came from the base install) in the base install's scripts folder."""
+    here = Path(sys.executable).parent
+    if (here / "flower-superlink").exists():
+        return here
+    base = Path(sysconfig.get_path("scripts", vars={"base": sys.base_prefix}))
+    assert (base / "flower-superlink").exists(), f"flower-superlink is in neither {here} nor {base}: pip install flwr"
+    return base
+
+
 def _flower(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+    return str(_scripts() / name)
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -66,7 +78,8 @@ def test_superlink_and_three_supernodes_survive_a_killed_node(tiny_artifacts, tm
     )  # fmt: skip
     assert wrote.returncode == 0, wrote.stderr
     assert "flower-supernode" in wrote.stdout and "flwr run" in wrote.stdout
-    env = {**os.environ, "FLWR_HOME": str(app / ".flwr")}
+    # The SuperLink and SuperNodes start flower-superexec and flwr-clientapp by name.
+    env = {**os.environ, "FLWR_HOME": str(app / ".flwr"), "PATH": f"{_scripts()}{os.pathsep}{os.environ.get('PATH', '')}"}
     link = [_flower("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--port", str(link_port)]
     procs = [_start([*link, "--database", str(tmp_path / "link.db")], tmp_path / "link.log", env)]
     try:
