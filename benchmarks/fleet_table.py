@@ -90,7 +90,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("cumulative bytes sent by all clients (MB)")
     ax.set_ylabel("global test top-1 (%)")
-    ax.set_title("10 clients, Dirichlet(0.5) split of Fashion-MNIST 5-9 (mean over seeds; a dot per round)")
+    ax.set_title("10 clients, Dirichlet(0.5) split of Fashion-MNIST 5-9\n(mean over seeds; a dot per round, round 0 at 0)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
