@@ -85,7 +85,7 @@ class FleetServer:
         atomic_write_bytes(self.out / "settings.json", json.dumps(settings, indent=1).encode())
         params = {name: self.session.parameter(name) for name in self.travel.names}
         row = {"round": 0, "client": "-", "examples": 0, "updated_params": 0, "bytes_sent": 0, "bytes_received": 0}
-        self.commit(0, params, [{**row, "global_top1": f"{self.score(params):.4f}"}])
+        self.commit(0, params, [row])
         return 1, params
 
     def _resume(self, settings: dict) -> tuple[int, dict[str, np.ndarray]]:
@@ -114,11 +114,14 @@ class FleetServer:
             return list(csv.DictReader(f))
 
     def commit(self, round_: int, params: dict[str, np.ndarray], rows: list[dict]) -> None:
-        """Round `round_` done: its global parameters, model.onnx, its rows (later ones dropped), then state.json."""
+        """Round `round_` done: its global parameters, model.onnx, its rows with model.onnx's test top-1 (rows of
+        later rounds dropped), then state.json."""
         buffer = io.BytesIO()
         np.savez(buffer, **params)
         atomic_write_bytes(self.out / "global.npz", buffer.getvalue())
         self._write_model(params, self.out / "model.onnx")
+        top1 = f"{self.score():.4f}"
+        rows = [{**r, "global_top1": top1} for r in rows]
         kept = [r for r in self.rows() if int(r["round"]) < round_]
         text = io.StringIO()
         writer = csv.DictWriter(text, ROUND_COLUMNS, lineterminator="\n", restval="")
@@ -143,18 +146,12 @@ class FleetServer:
         if not accepted:
             log.warning("round %d: no update accepted; the global model is unchanged", round_)
         merged = aggregate(params, accepted)
-        top1 = self.score(merged)
-        self.commit(round_, merged, [{**r, "global_top1": f"{top1:.4f}"} for r in rows])
+        self.commit(round_, merged, rows)
         return merged
 
-    def score(self, params: dict[str, np.ndarray]) -> float:
-        """Test top-1 of the global model, scored as `onnx-neq eval` scores model.onnx."""
-        path = self.out / ".score.onnx"
-        self._write_model(params, path)
-        try:
-            return evaluate(path, self.config.data, self.config.classes, batch_size=self.config.eval_batch_size).top1
-        finally:
-            path.unlink(missing_ok=True)
+    def score(self) -> float:
+        """Test top-1 of OUT/model.onnx, as `onnx-neq eval` scores it."""
+        return evaluate(self.out / "model.onnx", self.config.data, self.config.classes, batch_size=self.config.eval_batch_size).top1
 
     def _write_model(self, params: dict[str, np.ndarray], path: Path) -> None:
         self.session.set_parameters(params)
