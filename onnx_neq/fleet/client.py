@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_neq.backends.base import default_backend, open_backend
+from onnx_neq.backends.base import default_backend, open_backend, read_parameters
 from onnx_neq.fleet.updates import CHANNELS, DENSE, ChannelUpdate, channel_update, dense_update
 from onnx_neq.manifest import Manifest, read_manifest
 from onnx_neq.selection.registry import SELECTORS
@@ -92,7 +92,7 @@ def local_round(
         settings = run.settings()
         stored = settings["config"]
         travel = traveling(read_manifest(stored["artifacts"]), stored["bn_update"])
-        final = open_backend(stored["backend"], stored["artifacts"], run.path / run.load_state().checkpoint).parameters()
+        final = read_parameters(stored["backend"], run.path / run.load_state().checkpoint, travel.names)
         examples = int(settings["data"]["train"])
         if send == DENSE:
             update = dense_update(final, travel.names, examples)
