@@ -462,9 +462,7 @@ def fleet_group() -> None:
     """Federated fine-tuning on Flower: each client trains its budget and sends only the channels it trained."""
 
 
-def _fleet_config(artifacts_dir, settings: dict):
-    from onnx_neq.fleet.config import FleetConfig
-
+def _fleet_config(artifacts_dir, settings: dict) -> FleetConfig:
     out = settings.pop("out") or Path("runs") / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}"
     artifacts_dir = artifacts_dir or _default_artifacts(settings["data"], settings["classes"])
     return FleetConfig(artifacts=str(artifacts_dir), out=str(out), **settings)
