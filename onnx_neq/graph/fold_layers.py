@@ -584,8 +584,7 @@ def _one_by_one(conv2: onnx.NodeProto, kernel: tuple[int, ...], in_dims: list | 
 def _replace_conv(g: _Graph, conv1: onnx.NodeProto, conv2: onnx.NodeProto, w: np.ndarray, b: np.ndarray) -> None:
     """Conv2 becomes Conv(conv1's input, w, b) with conv1's attributes, under conv2's names; dead nodes go."""
     weight = conv2.input[1]
-    bias = conv2.input[2] if len(conv2.input) > 2 and conv2.input[2] and g.uses(conv2.input[2]) == 1 else None
-    bias = bias or g.fresh_name(_bias_name(weight))
+    bias = _own_bias(g, conv2)
     g.set_initializer(weight, w)
     g.set_initializer(bias, b)
     merged = helper.make_node("Conv", [conv1.input[0], weight, bias], list(conv2.output), name=conv2.name or None)
@@ -595,8 +594,14 @@ def _replace_conv(g: _Graph, conv1: onnx.NodeProto, conv2: onnx.NodeProto, w: np
     g.prune()
 
 
-def _bias_name(weight: str) -> str:
-    return weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else weight + ".bias"
+def _own_bias(g: _Graph, conv: onnx.NodeProto) -> str:
+    """The name a rewritten `conv`'s bias takes: its bias initializer where no other node reads it, else a new name
+    beside its weight's (W.weight -> W.bias)."""
+    bias = conv.input[2] if len(conv.input) > 2 else ""
+    if bias in g.inits and g.uses(bias) == 1:
+        return bias
+    weight = conv.input[1]
+    return g.fresh_name(weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else weight + ".bias")
 
 
 # constant: replace the output -----------------------------------------------------------------------------------
@@ -713,8 +718,7 @@ def _drop_channels(g: _Graph, weight: str, off: np.ndarray) -> int | str:
     conv, keep = layer.conv, ~off
     w1, b1 = _folded_conv1(g, layer)
     w2, w2_name = g.const(nxt.input[1]), nxt.input[1]
-    old_bias = conv.input[2] if len(conv.input) > 2 else ""
-    bias = old_bias if old_bias in g.inits and g.uses(old_bias) == 1 else g.fresh_name(_bias_name(weight))
+    bias = _own_bias(g, conv)
     g.set_initializer(weight, w1[keep].astype(_dtype(g, weight)))
     g.set_initializer(bias, b1[keep].astype(_dtype(g, weight)))
     g.set_initializer(w2_name, w2[:, keep].astype(_dtype(g, w2_name)))
